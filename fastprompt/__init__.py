@@ -1,0 +1,28 @@
+"""fastprompt: exact, fast prompt tuning for CLIP-style vision-language models.
+
+    model, preprocess, tokenizer = fastprompt.load_clip("ViT-B-16", pretrained="openai")
+    learner = fastprompt.create_learner("coop", model, classnames, n_ctx=16)
+    logits = learner(images)
+"""
+from fastprompt._version import __version__
+from fastprompt.backbone import TextTower, load_clip
+from fastprompt.classplan import ClassPlan, build_class_plan
+from fastprompt.encoders.prompted_text import PromptedTextEncoder
+from fastprompt.env import env_report
+from fastprompt.learners import (
+    CoCoOp,
+    CoCoOpConfig,
+    CoOp,
+    CoOpConfig,
+    create_learner,
+    from_pretrained,
+    list_learners,
+    register_learner,
+)
+from fastprompt.data import load_classnames, list_classname_sets
+
+__all__ = [
+    "__version__", "load_clip", "TextTower", "ClassPlan", "build_class_plan", "PromptedTextEncoder",
+    "create_learner", "from_pretrained", "list_learners", "register_learner", "env_report",
+    "CoOp", "CoOpConfig", "CoCoOp", "CoCoOpConfig", "load_classnames", "list_classname_sets",
+]

@@ -1,0 +1,218 @@
+"""PromptedTextEncoder: class prompts with learnable context through a frozen CLIP text tower.
+
+Two paths over the same parameters:
+
+* ``reference_features`` is the official computation (CoOp's ``TextEncoder``): full context-length prompts,
+  the tower's causal mask, ``ln_final`` and the projection at the EOT row. Slow on purpose; never optimise it.
+* ``fast_features`` computes the same function with far fewer tokens (DESIGN.md §1-2):
+    - truncation: positions after a prompt's EOT never influence it (causal tower, EOT pooling);
+    - shared prefix: the first ``P`` positions (SOS + context for the "end" position) are the same for every
+      class of one context, so their hidden states are computed once per distinct context and every class
+      suffix attends to that prefix's keys/values plus its own causal past;
+    - last layer: only the EOT row is pooled, so only it needs the query, output projection and MLP there.
+  A prompt batch is G distinct contexts ``ctx[G, M, D]`` (+ an optional per-context shift) and pairs
+  ``(g_idx[n], c_idx[n])`` to encode; this covers CoOp (G=1), CoCoOp (G=B, all pairs), class-specific
+  contexts (G=C, diagonal) and task groups.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastprompt.backbone import TextTower
+from fastprompt.classplan import ClassPlan
+from fastprompt.ops.assemble import assemble
+
+__all__ = ["PromptedTextEncoder"]
+
+
+class PromptedTextEncoder(nn.Module):
+    """Encodes prompts of one class plan. Holds only frozen, non-persistent buffers (rebuilt from names).
+
+    Args:
+        clip_model: an open_clip CLIP / CustomTextCLIP (its weights are used, never copied).
+        plan: the :class:`~fastprompt.classplan.ClassPlan` of the class list.
+    """
+
+    def __init__(self, clip_model: nn.Module, plan: ClassPlan):
+        super().__init__()
+        self.tower = TextTower(clip_model)
+        self.plan = plan
+        self.fast_unsupported = self.tower.unsupported_reason()
+        emb = self.tower.token_embedding
+        P, L = plan.prefix_len, plan.max_len
+        with torch.no_grad():
+            # Official buffers: the frozen word embeddings of the tokenised "<X...X> <name>." prompts.
+            self.register_buffer("token_ids", plan.token_ids.clone(), persistent=False)
+            self.register_buffer("token_embeds", emb(plan.token_ids.to(emb.weight.device)), persistent=False)
+            fixed = emb(plan.src[:, :L].to(emb.weight.device))
+        self.register_buffer("eot", plan.eot.clone(), persistent=False)
+        self.register_buffer("slot_prefix", plan.slot[:, :P].contiguous(), persistent=False)
+        self.register_buffer("slot_suffix", plan.slot[:, P:L].contiguous(), persistent=False)
+        self.register_buffer("fixed_prefix", fixed[:, :P].contiguous(), persistent=False)
+        self.register_buffer("fixed_suffix", fixed[:, P:L].contiguous(), persistent=False)
+        # Context positions inside the shared prefix (where deep prompts go), same for every class.
+        self.prefix_ctx_positions = [t for t in range(P) if int(plan.slot[0, t]) >= 0]
+        self.suffix_has_ctx = bool((plan.slot[:, P:L] >= 0).any())
+
+    # ------------------------------------------------------------------ reference (official) path
+    def reference_features(
+        self,
+        prompts: torch.Tensor,
+        token_ids: torch.Tensor,
+        deep_prompts: Optional[Dict[int, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Official text encoder: prompts [N, T, D] (word embeddings), token_ids [N, T] -> features [N, E].
+
+        ``deep_prompts[i]`` ([M, D]) replaces positions 1..M of the hidden states before block i (MaPLe).
+        """
+        tower = self.tower
+        x = prompts + tower.positional_embedding.to(prompts.dtype)
+        mask = tower.attn_mask
+        if deep_prompts:
+            M = self.plan.n_ctx
+            batch_first = getattr(tower.transformer, "batch_first", True)
+            for i, blk in enumerate(tower.blocks):
+                if i in deep_prompts:
+                    deep = deep_prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)
+                    x = torch.cat([x[:, :1], deep, x[:, 1 + M :]], dim=1)
+                if not batch_first:
+                    x = blk(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+                else:
+                    x = blk(x, attn_mask=mask)
+        else:
+            x = tower.transformer(x, attn_mask=mask)
+        x = tower.ln_final(x)
+        if tower.pool_type == "eos":
+            eot = (token_ids == tower.eos_id).int().argmax(dim=-1)
+        else:
+            eot = token_ids.argmax(dim=-1)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]
+        return tower.project(x)
+
+    # ------------------------------------------------------------------ fast path
+    def fast_features(
+        self,
+        ctx: torch.Tensor,
+        shift: Optional[torch.Tensor],
+        g_idx: torch.Tensor,
+        c_idx: torch.Tensor,
+        deep_prompts: Optional[Dict[int, torch.Tensor]] = None,
+        backend: Optional[str] = None,
+    ) -> torch.Tensor:
+        """Features of prompt pairs, exactly equal to the reference.
+
+        Args:
+            ctx: [G, M, D] contexts (G distinct ones).
+            shift: [G, D] or None, added to every context token of its group.
+            g_idx, c_idx: [N] int64, the (context, class) pair to encode at each row.
+            deep_prompts: {layer i: [M, D] or [G, M, D]} hidden states that replace the context positions
+                before block i (needs the context inside the shared prefix, i.e. position "end").
+            backend: op backend ("auto", "reference", "compiled", ...).
+
+        Returns:
+            [N, E] unnormalised text features.
+        """
+        if self.fast_unsupported:
+            raise RuntimeError(f"the fast text engine cannot run this model: {self.fast_unsupported}")
+        if deep_prompts and self.suffix_has_ctx:
+            raise ValueError("deep prompts need the context inside the shared prefix (class_token_position='end')")
+        tower, P = self.tower, self.plan.prefix_len
+        G, N = ctx.shape[0], g_idx.shape[0]
+        dev = ctx.device
+        pos = tower.positional_embedding
+        zeros_g = torch.zeros(G, dtype=torch.long, device=dev)
+        arange_g = torch.arange(G, device=dev)
+        xp = assemble(ctx, shift, self.fixed_prefix, self.slot_prefix, pos, 0, arange_g, zeros_g, backend=backend)
+        xs = assemble(ctx, shift, self.fixed_suffix, self.slot_suffix, pos, P, g_idx, c_idx, backend=backend)
+        eot_rel = self.eot[c_idx] - P  # [N] row of each pair's EOT inside its suffix
+        blocks = tower.blocks
+        last = len(blocks) - 1
+        for i, blk in enumerate(blocks):
+            if deep_prompts and i in deep_prompts:
+                xp = self._replace_context(xp, deep_prompts[i])
+            if i < last:
+                xp, xs = _block_shared_prefix(blk, xp, xs, g_idx)
+            else:
+                row = _last_block_eot_rows(blk, xp, xs, g_idx, eot_rel)
+        return tower.project(tower.ln_final(row))
+
+    def _replace_context(self, xp: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        pos = self.prefix_ctx_positions
+        deep = deep.to(xp.dtype)
+        if deep.dim() == 2:
+            deep = deep.unsqueeze(0).expand(xp.shape[0], -1, -1)
+        start, end = pos[0], pos[-1] + 1
+        # The context occupies a contiguous run in the prefix ("end" position).
+        return torch.cat([xp[:, :start], deep, xp[:, end:]], dim=1)
+
+
+# ---------------------------------------------------------------------- exact layer math
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    # [B, L, D] -> [B, H, L, D/H]
+    B, L, D = x.shape
+    return x.view(B, L, heads, D // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    B, H, L, dh = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * dh)
+
+
+def _qkv(attn: nn.MultiheadAttention, h: torch.Tensor):
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.chunk(3, dim=-1)
+    H = attn.num_heads
+    return _split_heads(q, H), _split_heads(k, H), _split_heads(v, H)
+
+
+def _suffix_mask(P: int, S: int, device) -> torch.Tensor:
+    # Suffix query j sees the whole prefix and suffix keys 0..j (causal, aligned bottom-right).
+    own = torch.ones(S, S, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(S, P, dtype=torch.bool, device=device), own], dim=1)
+
+
+def _block_shared_prefix(blk: nn.Module, xp: torch.Tensor, xs: torch.Tensor, g_idx: torch.Tensor):
+    """One open_clip ResidualAttentionBlock over the prefixes [G, P, D] and class suffixes [N, S, D]."""
+    attn = blk.attn
+    qp, kp, vp = _qkv(attn, blk.ln_1(xp))
+    qs, ks, vs = _qkv(attn, blk.ln_1(xs))
+    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+    keys = torch.cat([kp.index_select(0, g_idx), ks], dim=2)
+    values = torch.cat([vp.index_select(0, g_idx), vs], dim=2)
+    os_ = F.scaled_dot_product_attention(qs, keys, values, attn_mask=_suffix_mask(xp.shape[1], xs.shape[1], xs.device))
+    out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
+    xp = xp + blk.ls_1(F.linear(_merge_heads(op), out_w, out_b))
+    xs = xs + blk.ls_1(F.linear(_merge_heads(os_), out_w, out_b))
+    xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
+    xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
+    return xp, xs
+
+
+def _last_block_eot_rows(blk, xp, xs, g_idx, eot_rel) -> torch.Tensor:
+    """Last block, computed only where it is pooled: returns the EOT row of every pair, [N, D].
+
+    The prefix contributes keys/values only; suffix rows other than EOT contribute keys/values only.
+    """
+    attn = blk.attn
+    H = attn.num_heads
+    N, S, D = xs.shape
+    P = xp.shape[1]
+    _, kp, vp = _qkv(attn, blk.ln_1(xp))
+    hs = blk.ln_1(xs)
+    rows = torch.arange(N, device=xs.device)
+    x_eot = xs[rows, eot_rel]  # [N, D]
+    w_q, w_kv = attn.in_proj_weight.split([D, 2 * D])
+    b_q, b_kv = (None, None) if attn.in_proj_bias is None else attn.in_proj_bias.split([D, 2 * D])
+    q = F.linear(hs[rows, eot_rel], w_q, b_q).view(N, H, 1, D // H)
+    ks, vs = F.linear(hs, w_kv, b_kv).chunk(2, dim=-1)
+    keys = torch.cat([kp.index_select(0, g_idx), _split_heads(ks, H)], dim=2)
+    values = torch.cat([vp.index_select(0, g_idx), _split_heads(vs, H)], dim=2)
+    # Row eot_rel of the suffix mask: the prefix, and suffix keys up to the EOT itself.
+    mask = torch.arange(P + S, device=xs.device).unsqueeze(0) <= (P + eot_rel).unsqueeze(1)  # [N, P+S]
+    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.view(N, 1, 1, P + S))
+    x = x_eot + blk.ls_1(F.linear(o.reshape(N, D), attn.out_proj.weight, attn.out_proj.bias))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))

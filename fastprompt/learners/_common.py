@@ -1,0 +1,233 @@
+"""What every learner shares: the frozen CLIP, image checks, backend choice, caching, save/load."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastprompt._version import __version__
+from fastprompt.backbone import TextTower, check_clip_model, clip_source, freeze
+from fastprompt.ops._dispatch import BACKENDS, default_backend
+
+CONFIG_FILE = "fastprompt_config.json"
+WEIGHTS_FILE = "prompt_learner.safetensors"
+
+# Learner backends: "reference" runs the official 77-token computation; every other value runs the fast
+# engine, with its ops on that backend ("torch" = the fast engine on eager torch ops).
+LEARNER_BACKENDS = ("reference", "torch") + tuple(b for b in BACKENDS if b != "reference")
+
+
+def default_tokenizer(tower: TextTower):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=tower.context_length)
+
+
+class PromptLearner(nn.Module):
+    """Base of the learners: holds the frozen CLIP as ``self.clip``; subclasses add parameters and forward."""
+
+    method: str = ""
+    config_class: type = None
+
+    def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config, tokenizer=None):
+        super().__init__()
+        check_clip_model(clip_model)
+        self.clip = freeze(clip_model)
+        self.config = config
+        self.tower = TextTower(clip_model)
+        self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(self.tower)
+        self._backend = "auto"
+        self.backend = getattr(config, "backend", None) or default_backend()
+        self._text_cache = None
+
+    # ------------------------------------------------------------------ backend
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        value = str(value).lower()
+        if value not in LEARNER_BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; choose one of {', '.join(LEARNER_BACKENDS)}")
+        reason = self.tower.unsupported_reason()
+        if value != "reference" and reason is not None:
+            if value != "auto":
+                raise ValueError(f"backend {value!r} needs the fast engine, which cannot run this model: {reason}")
+            value = "reference"  # auto on a tower the engine cannot run exactly
+        self._backend = value
+        self._text_cache = None
+
+    @property
+    def op_backend(self) -> str:
+        """The op backend the fast engine uses."""
+        return "reference" if self._backend == "torch" else self._backend
+
+    @property
+    def uses_reference(self) -> bool:
+        return self._backend == "reference"
+
+    # ------------------------------------------------------------------ images
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tower.dtype
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] float images (already normalised) -> [B, E] unnormalised frozen image features."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"images must be floating point (normalised as the model's preprocess does), got {images.dtype}"
+            )
+        size = getattr(self.clip.visual, "image_size", None)
+        if size is not None:
+            size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+            if tuple(images.shape[-2:]) != size or images.shape[1] != 3:
+                raise ValueError(
+                    f"images must be [B, 3, {size[0]}, {size[1]}] for this model, got {tuple(images.shape)}"
+                )
+        visual_dtype = next(self.clip.visual.parameters()).dtype
+        with torch.no_grad():  # frozen tower, and nothing upstream of it learns
+            return self.clip.encode_image(images.to(visual_dtype))
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    # ------------------------------------------------------------------ caching of text features
+    def _trainable_key(self):
+        return tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters() if p.requires_grad)
+
+    def cached_text_features(self, compute) -> torch.Tensor:
+        """Text features that do not depend on the image: in eval mode under no_grad, computed once and
+        reused until a trainable tensor changes (optimizer step, load) or the mode/backend changes."""
+        if self.training or torch.is_grad_enabled():
+            self._text_cache = None
+            return compute()
+        key = (self._trainable_key(), self._backend)
+        if self._text_cache is not None and self._text_cache[0] == key:
+            return self._text_cache[1]
+        feats = compute()
+        self._text_cache = (key, feats)
+        return feats
+
+    def train(self, mode: bool = True):
+        self._text_cache = None
+        super().train(mode)
+        self.clip.eval()  # the frozen backbone always runs in eval mode (no dropout), as in the official code
+        return self
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the logits of :meth:`forward`."""
+        return F.cross_entropy(logits, labels)
+
+    # ------------------------------------------------------------------ state
+    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Only the learnable tensors, detached."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def print_trainable_parameters(self) -> None:
+        total = sum(p.numel() for p in self.parameters())
+        n = self.num_trainable_parameters()
+        print(f"trainable params: {n:,} || all params: {total:,} || trainable%: {100 * n / max(total, 1):.4f}")
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write the learnable tensors (safetensors) and a JSON config to ``directory``."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        name, pretrained = clip_source(self.clip)
+        meta = {
+            "method": self.method,
+            "config": dataclasses.asdict(self.config),
+            "classnames": list(self.classnames),
+            "clip_model": name,
+            "clip_pretrained": pretrained,
+            "fastprompt_version": __version__,
+        }
+        tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
+        # Write to temporary names, then rename: an interrupted save never leaves a half-written adapter.
+        tmp_w, tmp_c = os.path.join(directory, WEIGHTS_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE + ".tmp")
+        save_file(tensors, tmp_w)
+        with open(tmp_c, "w") as f:
+            json.dump(meta, f, indent=2)
+        os.replace(tmp_w, os.path.join(directory, WEIGHTS_FILE))
+        os.replace(tmp_c, os.path.join(directory, CONFIG_FILE))
+
+    def load_trainable_state_dict(self, tensors: Dict[str, torch.Tensor]) -> None:
+        own = dict((n, p) for n, p in self.named_parameters() if p.requires_grad)
+        missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
+        if missing or unexpected:
+            raise ValueError(f"adapter does not match {self.method}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if own[name].shape != value.shape:
+                    raise ValueError(f"{name}: stored shape {tuple(value.shape)} != {tuple(own[name].shape)}")
+                own[name].copy_(value)
+
+
+def read_pretrained(directory: str) -> Dict[str, Any]:
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} holds no {CONFIG_FILE}; was it written by save_pretrained()?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_pretrained_tensors(directory: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(directory, WEIGHTS_FILE))
+
+
+def config_from(config_class, config, overrides: Dict[str, Any]):
+    """A config dataclass from an instance or dict plus keyword overrides; unknown keys are an error."""
+    if config is None:
+        config = config_class()
+    elif isinstance(config, dict):
+        config = config_from(config_class, None, config)
+    names = {f.name for f in dataclasses.fields(config_class)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise TypeError(f"{config_class.__name__} has no option(s) {sorted(unknown)}; options: {sorted(names)}")
+    return dataclasses.replace(config, **overrides)
+
+
+def context_init(tower: TextTower, tokenizer, ctx_init: str, n_ctx: int, csc: bool, n_cls: int, std: float):
+    """Initial context vectors and the prompt prefix string, as CoOp builds them.
+
+    Word init ("a photo of a"): M = number of words, ctx = the words' token embeddings (unified only).
+    Random init: N(0, std^2), shape [M, D] or [C, M, D] for class-specific contexts.
+    """
+    emb = tower.token_embedding
+    if ctx_init:
+        ctx_init = ctx_init.replace("_", " ").strip()
+        n_ctx = len(ctx_init.split(" "))
+        ids = torch.as_tensor(tokenizer([ctx_init]), dtype=torch.long).to(emb.weight.device)
+        with torch.no_grad():
+            vectors = emb(ids)[0, 1 : 1 + n_ctx].clone()
+        return vectors, ctx_init, n_ctx
+    shape = (n_cls, n_ctx, tower.width) if csc else (n_ctx, tower.width)
+    vectors = torch.empty(shape, dtype=emb.weight.dtype, device=emb.weight.device)
+    nn.init.normal_(vectors, std=std)
+    return vectors, " ".join(["X"] * n_ctx), n_ctx
+
+
+def plan_kwargs(tower: TextTower) -> Dict[str, Any]:
+    return {"context_length": tower.context_length, "pool_type": tower.pool_type, "eos_id": tower.eos_id}
+
+
+def as_list(names) -> List[str]:
+    return list(names)

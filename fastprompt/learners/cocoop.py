@@ -1,0 +1,97 @@
+"""CoCoOp (Zhou et al., CVPR'22): context conditioned on each image through a small meta-net.
+
+Every image b shifts all M context tokens by pi_b = meta_net(normalised image feature b), so each image has its
+own context and the text tower must encode B x C prompts. The official code loops over images and runs the
+full 77-token tower per image; the fast path encodes all B x C pairs at once over B shared prefixes.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastprompt.classplan import build_class_plan, clean_classnames
+from fastprompt.encoders.prompted_text import PromptedTextEncoder
+from fastprompt.learners._common import PromptLearner, config_from, context_init, plan_kwargs
+from fastprompt.learners.registry import register_learner
+
+
+@dataclass
+class CoCoOpConfig:
+    """Official base-to-new config: 4 context tokens initialised from "a photo of a"."""
+
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+    init_std: float = 0.02
+    meta_net_reduction: int = 16  # hidden width = vis_dim // 16
+    backend: Optional[str] = None
+
+
+@register_learner("cocoop")
+class CoCoOp(PromptLearner):
+    """CoCoOp learner. ``forward(images [B, 3, H, W]) -> logits [B, C]``. Trainable: ``ctx`` [M, D] and
+    ``meta_net`` (Linear(E, E/16) -> ReLU -> Linear(E/16, D))."""
+
+    method = "cocoop"
+    config_class = CoCoOpConfig
+
+    def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
+        config = config_from(CoCoOpConfig, config, kwargs)
+        super().__init__(clip_model, classnames, config, tokenizer)
+        vectors, self.prompt_prefix, self.n_ctx = context_init(
+            self.tower, self.tokenizer, config.ctx_init, config.n_ctx, False, 1, config.init_std
+        )
+        self.ctx = nn.Parameter(vectors)
+        vis_dim = int(self.clip.visual.output_dim)
+        hidden = vis_dim // config.meta_net_reduction
+        self.meta_net = nn.Sequential(
+            OrderedDict(
+                [("linear1", nn.Linear(vis_dim, hidden)), ("relu", nn.ReLU(inplace=True)), ("linear2", nn.Linear(hidden, self.tower.width))]
+            )
+        ).to(device=vectors.device, dtype=vectors.dtype)
+        self.set_classnames(classnames)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Rebuild the class-dependent buffers for a new class list."""
+        names = clean_classnames(classnames)
+        plan = build_class_plan(names, self.tokenizer, self.n_ctx, self.prompt_prefix, "end", **plan_kwargs(self.tower))
+        self.classnames = names
+        self.text = PromptedTextEncoder(self.clip, plan).to(self.ctx.device)
+
+    def image_shift(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Normalised image features [B, E] -> per-image context shift pi [B, D]."""
+        return self.meta_net(image_features.to(self.ctx.dtype))
+
+    def text_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Normalised image features [B, E] -> L2-normalised text features [B, C, E] of every (image, class)."""
+        shift = self.image_shift(image_features)
+        if self.uses_reference:
+            return self._reference_text(shift)
+        B, C = shift.shape[0], len(self.classnames)
+        dev = shift.device
+        g_idx = torch.arange(B, device=dev).repeat_interleave(C)
+        c_idx = torch.arange(C, device=dev).repeat(B)
+        ctx = self.ctx.unsqueeze(0).expand(B, -1, -1)
+        feats = self.text.fast_features(ctx, shift, g_idx, c_idx, backend=self.op_backend)
+        return F.normalize(feats, dim=-1).view(B, C, -1)
+
+    def _reference_text(self, shift: torch.Tensor) -> torch.Tensor:
+        # The official loops: per image, expand its shifted context to all classes and run the full tower.
+        text, C = self.text, len(self.classnames)
+        prefix, suffix = text.token_embeds[:, :1], text.token_embeds[:, 1 + self.n_ctx :]
+        ctx_shifted = self.ctx.unsqueeze(0) + shift.unsqueeze(1)  # [B, M, D]
+        out = []
+        for ctx_i in ctx_shifted:
+            prompts_i = torch.cat([prefix, ctx_i.unsqueeze(0).expand(C, -1, -1), suffix], dim=1)
+            out.append(F.normalize(text.reference_features(prompts_i, text.token_ids), dim=-1))
+        return torch.stack(out)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> logits [B, C]."""
+        image_features = F.normalize(self.encode_images(images), dim=-1)
+        text_features = self.text_features(image_features)
+        return self.logit_scale * torch.einsum("be,bce->bc", image_features.to(text_features.dtype), text_features)
