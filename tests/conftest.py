@@ -1,0 +1,62 @@
+"""Shared fixtures: real open_clip architectures with random weights (no downloads in tests)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+logging.getLogger().setLevel(logging.ERROR)  # open_clip warns that no pretrained weights were loaded
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ||a - b|| / ||b|| (with a floor for an all-zero reference)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def tiny_clip(custom_text: bool = False, dtype=torch.float64):
+    """A real open_clip CLIP (or CustomTextCLIP) at toy width: 3 causal text layers, a 32 px ViT."""
+    import open_clip
+
+    vision = open_clip.CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=16, image_size=32)
+    text = open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=4, layers=3)
+    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    torch.manual_seed(0)
+    model = cls(embed_dim=48, vision_cfg=vision, text_cfg=text)
+    # Non-trivial LayerNorm affine parameters, so a wrong LN would show.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1.0, 0.1)
+                m.bias.normal_(0.0, 0.1)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def vitb16_f64():
+    import fastprompt
+
+    torch.manual_seed(0)
+    model, _, tokenizer = fastprompt.load_clip("ViT-B-16", pretrained=None)
+    return model.double(), tokenizer
+
+
+@pytest.fixture(params=[False, True], ids=["CLIP", "CustomTextCLIP"])
+def tiny_model(request):
+    return tiny_clip(custom_text=request.param)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
