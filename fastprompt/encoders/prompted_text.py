@@ -121,23 +121,30 @@ class PromptedTextEncoder(nn.Module):
         if deep_prompts and self.suffix_has_ctx:
             raise ValueError("deep prompts need the context inside the shared prefix (class_token_position='end')")
         tower, P = self.tower, self.plan.prefix_len
-        G, N = ctx.shape[0], g_idx.shape[0]
+        G = ctx.shape[0]
         dev = ctx.device
         pos = tower.positional_embedding
         zeros_g = torch.zeros(G, dtype=torch.long, device=dev)
         arange_g = torch.arange(G, device=dev)
         xp = assemble(ctx, shift, self.fixed_prefix, self.slot_prefix, pos, 0, arange_g, zeros_g, backend=backend)
         xs = assemble(ctx, shift, self.fixed_suffix, self.slot_suffix, pos, P, g_idx, c_idx, backend=backend)
-        eot_rel = self.eot[c_idx] - P  # [N] row of each pair's EOT inside its suffix
+        # Pack the suffixes: only the rows up to each pair's EOT exist (truncation per pair, no padding in the
+        # token-wise GEMMs); attention alone sees a padded [N, S] view, whose pad rows it never reads.
+        N, S, D = xs.shape
+        lengths = self.eot[c_idx] - P + 1  # [N]
+        valid = torch.arange(S, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
+        pack = _Packing(valid.view(-1).nonzero().squeeze(1), N, S)
+        xs = xs.reshape(N * S, D).index_select(0, pack.index)  # [T, D]
+        eot_rows = lengths.cumsum(0) - 1  # row of each pair's EOT in the packed suffixes
         blocks = tower.blocks
         last = len(blocks) - 1
         for i, blk in enumerate(blocks):
             if deep_prompts and i in deep_prompts:
                 xp = self._replace_context(xp, deep_prompts[i])
             if i < last:
-                xp, xs = _block_shared_prefix(blk, xp, xs, g_idx)
+                xp, xs = _block_shared_prefix(blk, xp, xs, g_idx, pack)
             else:
-                row = _last_block_eot_rows(blk, xp, xs, g_idx, eot_rel)
+                row = _last_block_eot_rows(blk, xp, xs, g_idx, pack, eot_rows, lengths - 1)
         return tower.project(tower.ln_final(row))
 
     def _replace_context(self, xp: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
@@ -169,50 +176,66 @@ def _qkv(attn: nn.MultiheadAttention, h: torch.Tensor):
     return _split_heads(q, H), _split_heads(k, H), _split_heads(v, H)
 
 
+class _Packing:
+    """Where the packed suffix rows [T] sit in the padded [N, S] layout."""
+
+    def __init__(self, index: torch.Tensor, n: int, s: int):
+        self.index, self.n, self.s = index, n, s
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        # [T, F] -> [N, S, F], zeros at rows past each pair's EOT (never attended by a valid query)
+        out = x.new_zeros(self.n * self.s, x.shape[-1]).index_copy(0, self.index, x)
+        return out.view(self.n, self.s, x.shape[-1])
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        # [N, S, F] -> [T, F]
+        return x.reshape(self.n * self.s, x.shape[-1]).index_select(0, self.index)
+
+
 def _suffix_mask(P: int, S: int, device) -> torch.Tensor:
     # Suffix query j sees the whole prefix and suffix keys 0..j (causal, aligned bottom-right).
     own = torch.ones(S, S, dtype=torch.bool, device=device).tril()
     return torch.cat([torch.ones(S, P, dtype=torch.bool, device=device), own], dim=1)
 
 
-def _block_shared_prefix(blk: nn.Module, xp: torch.Tensor, xs: torch.Tensor, g_idx: torch.Tensor):
-    """One open_clip ResidualAttentionBlock over the prefixes [G, P, D] and class suffixes [N, S, D]."""
+def _block_shared_prefix(blk: nn.Module, xp: torch.Tensor, xs: torch.Tensor, g_idx: torch.Tensor, pack: _Packing):
+    """One open_clip ResidualAttentionBlock over the prefixes [G, P, D] and packed class suffixes [T, D]."""
     attn = blk.attn
+    H = attn.num_heads
     qp, kp, vp = _qkv(attn, blk.ln_1(xp))
-    qs, ks, vs = _qkv(attn, blk.ln_1(xs))
+    qkv_s = pack.pad(F.linear(blk.ln_1(xs), attn.in_proj_weight, attn.in_proj_bias))
+    qs, ks, vs = (_split_heads(t, H) for t in qkv_s.chunk(3, dim=-1))
     op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
     keys = torch.cat([kp.index_select(0, g_idx), ks], dim=2)
     values = torch.cat([vp.index_select(0, g_idx), vs], dim=2)
-    os_ = F.scaled_dot_product_attention(qs, keys, values, attn_mask=_suffix_mask(xp.shape[1], xs.shape[1], xs.device))
+    os_ = F.scaled_dot_product_attention(qs, keys, values, attn_mask=_suffix_mask(xp.shape[1], pack.s, xs.device))
     out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
     xp = xp + blk.ls_1(F.linear(_merge_heads(op), out_w, out_b))
-    xs = xs + blk.ls_1(F.linear(_merge_heads(os_), out_w, out_b))
+    xs = xs + blk.ls_1(F.linear(pack.unpad(_merge_heads(os_)), out_w, out_b))
     xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
     xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
     return xp, xs
 
 
-def _last_block_eot_rows(blk, xp, xs, g_idx, eot_rel) -> torch.Tensor:
+def _last_block_eot_rows(blk, xp, xs, g_idx, pack: _Packing, eot_rows, eot_rel) -> torch.Tensor:
     """Last block, computed only where it is pooled: returns the EOT row of every pair, [N, D].
 
     The prefix contributes keys/values only; suffix rows other than EOT contribute keys/values only.
     """
     attn = blk.attn
     H = attn.num_heads
-    N, S, D = xs.shape
-    P = xp.shape[1]
+    D = xs.shape[-1]
+    N, S, P = pack.n, pack.s, xp.shape[1]
     _, kp, vp = _qkv(attn, blk.ln_1(xp))
     hs = blk.ln_1(xs)
-    rows = torch.arange(N, device=xs.device)
-    x_eot = xs[rows, eot_rel]  # [N, D]
     w_q, w_kv = attn.in_proj_weight.split([D, 2 * D])
     b_q, b_kv = (None, None) if attn.in_proj_bias is None else attn.in_proj_bias.split([D, 2 * D])
-    q = F.linear(hs[rows, eot_rel], w_q, b_q).view(N, H, 1, D // H)
-    ks, vs = F.linear(hs, w_kv, b_kv).chunk(2, dim=-1)
+    q = F.linear(hs.index_select(0, eot_rows), w_q, b_q).view(N, H, 1, D // H)
+    ks, vs = pack.pad(F.linear(hs, w_kv, b_kv)).chunk(2, dim=-1)
     keys = torch.cat([kp.index_select(0, g_idx), _split_heads(ks, H)], dim=2)
     values = torch.cat([vp.index_select(0, g_idx), _split_heads(vs, H)], dim=2)
     # Row eot_rel of the suffix mask: the prefix, and suffix keys up to the EOT itself.
     mask = torch.arange(P + S, device=xs.device).unsqueeze(0) <= (P + eot_rel).unsqueeze(1)  # [N, P+S]
     o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.view(N, 1, 1, P + S))
-    x = x_eot + blk.ls_1(F.linear(o.reshape(N, D), attn.out_proj.weight, attn.out_proj.bias))
+    x = xs.index_select(0, eot_rows) + blk.ls_1(F.linear(o.reshape(N, D), attn.out_proj.weight, attn.out_proj.bias))
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
