@@ -20,6 +20,7 @@ def extension_loaded() -> bool:
             _loaded, _error = False, "disabled by FASTPROMPT_DISABLE_EXT=1"
         else:
             try:
+                import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
                 from fastprompt import _C  # noqa: F401  (import runs the TORCH_LIBRARY registrations)
 
                 _loaded = True

@@ -42,6 +42,6 @@ def assemble_reference(
     is_ctx = (s >= 0).unsqueeze(-1)  # [N, L, 1]
     ctx_rows = ctx[g_idx.unsqueeze(1), s.clamp(min=0)]  # [N, L, D]
     if shift is not None:
-        ctx_rows = ctx_rows + shift[g_idx].unsqueeze(1)
+        ctx_rows = ctx_rows + shift[g_idx].unsqueeze(1).to(ctx.dtype)
     out = torch.where(is_ctx, ctx_rows, fixed[c_idx].to(ctx.dtype))
     return out + pos[pos_offset : pos_offset + L].to(ctx.dtype)

@@ -1,0 +1,45 @@
+"""Benchmark helpers: reference and fast path timed in the same run; a summary table at the end."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+
+import pytest
+import torch
+
+logging.getLogger().setLevel(logging.ERROR)
+
+_ROWS = []
+
+
+def record(row: dict) -> None:
+    """Keep one result row for the end-of-session table (and $FASTPROMPT_BENCH_JSON)."""
+    _ROWS.append(row)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ROWS:
+        return
+    terminalreporter.write_sep("=", "fastprompt: reference vs fast (same run)")
+    keys = list(_ROWS[0])
+    terminalreporter.write_line(" | ".join(keys))
+    for row in _ROWS:
+        terminalreporter.write_line(" | ".join(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys))
+    path = os.environ.get("FASTPROMPT_BENCH_JSON")
+    if path:
+        meta = {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
+            "machine": platform.platform(),
+        }
+        with open(path, "w") as f:
+            json.dump({"meta": meta, "rows": _ROWS}, f, indent=2)
+        terminalreporter.write_line(f"wrote {path}")
