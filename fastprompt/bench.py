@@ -74,17 +74,18 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _time(fn: Callable, device: torch.device, repeats: int, warmup: int) -> float:
+def _time(fn: Callable, device: torch.device, repeats: int, warmup: int):
+    """(median ms over `repeats` timed calls after `warmup` untimed ones, the last call's result)."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
-    for _ in range(repeats):
+    times, result = [], None
+    for _ in range(max(repeats, 1)):
         start = time.perf_counter()
-        fn()
+        result = fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), result
 
 
 def build_case(case: BenchCase, device: torch.device, dtype: torch.dtype, model=None, tokenizer=None):
@@ -120,12 +121,11 @@ def run_case(
     device = torch.device(device)
     learner, feats, upstream = build_case(case, device, dtype, model, tokenizer)
     step = text_step(learner, feats, upstream)
+    # The reference takes seconds per step on a CPU: its first timed call doubles as its warm-up.
     learner.backend = "reference"
-    ref_out, ref_grads = step()
-    ref_ms = _time(step, device, repeats, warmup=max(warmup - 1, 0))
+    ref_ms, (ref_out, ref_grads) = _time(step, device, repeats, warmup=max(warmup - 1, 0))
     learner.backend = fast_backend
-    fast_out, fast_grads = step()
-    fast_ms = _time(step, device, repeats, warmup=warmup)
+    fast_ms, (fast_out, fast_grads) = _time(step, device, repeats, warmup=warmup)
     err = max([_rel(fast_out, ref_out)] + [_rel(f, r) for f, r in zip(fast_grads, ref_grads)])
     return BenchResult(
         case.method, case.classes, case.batch, _device_name(device), str(dtype).replace("torch.", ""),
