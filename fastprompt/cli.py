@@ -25,7 +25,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.preset == "issue":
         cases = [BenchCase("coop", 1000), BenchCase("cocoop", 100, batch=8, dataset="caltech101")]
     elif args.method:
-        cases = [BenchCase(m, args.classes, args.batch, args.dataset, args.n_ctx) for m in args.method]
+        cases = [BenchCase(m, args.classes, args.batch if m == "cocoop" else 1, args.dataset, args.n_ctx) for m in args.method]
     else:
         cases = DEFAULT_CASES
     dtype = getattr(torch, DTYPES[args.dtype])

@@ -7,13 +7,23 @@ import torch
 
 from fastprompt._extension import extension_has_cuda, extension_loaded, load_error
 from fastprompt._version import __version__
-from fastprompt.ops._dispatch import default_backend, resolve
+import importlib
+
+from fastprompt.ops._dispatch import default_backend, triton_interpreting
+
+
+OP_NAMES = ("assemble", "condition", "prefix_attention", "pool_project")
 
 
 def _ops():
-    from fastprompt.ops import assemble
-
-    return {"assemble": assemble}
+    """{op name: its OpBackends table}; an op whose module fails to import is reported, not fatal."""
+    tables = {}
+    for name in OP_NAMES:
+        try:
+            tables[name] = importlib.import_module(f"fastprompt.ops.{name}").BACKENDS
+        except Exception as exc:
+            tables[name] = exc
+    return tables
 
 
 def env_report(print_report: bool = True) -> str:
@@ -42,13 +52,17 @@ def env_report(print_report: bool = True) -> str:
     else:
         lines.append(f"compiled extension fastprompt._C: not available ({load_error()})")
     lines.append(f"default backend (FASTPROMPT_BACKEND): {default_backend()}")
+    if triton_interpreting():
+        lines.append("TRITON_INTERPRET=1: Triton kernels run in the (slow) CPU interpreter")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for name, module in _ops().items():
+    for name, table in _ops().items():
+        if isinstance(table, Exception):
+            lines.append(f"op {name}: not importable ({type(table).__name__}: {table})")
+            continue
         for dev in devices:
             device = torch.device(dev)
-            table = module.available_backends(device)
-            chosen = resolve(name, "auto", device, module._AVAILABLE, module._PREFERENCE)
-            detail = ", ".join(f"{b}={'yes' if ok else 'no (' + why + ')'}" for b, (ok, why) in table.items())
+            chosen = table.resolve("auto", device)
+            detail = ", ".join(f"{b}={'yes' if ok else 'no (' + why + ')'}" for b, (ok, why) in table.table(device).items())
             lines.append(f"op {name} on {dev}: auto -> {chosen}; {detail}")
     report = "\n".join(lines)
     if print_report:

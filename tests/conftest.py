@@ -4,6 +4,14 @@ from __future__ import annotations
 import logging
 import os
 
+# Triton kernels are decorated as interpreted or compiled at import time: without a GPU, run them in the CPU
+# interpreter (tiny shapes only). This must happen before any fastprompt Triton module is imported.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from fastprompt.backbone import TextTower
 from fastprompt.classplan import ClassPlan
 from fastprompt.ops.assemble import assemble
+from fastprompt.ops.pool_project import pool_project
+from fastprompt.ops.prefix_attention import prefix_attention
 
 __all__ = ["PromptedTextEncoder"]
 
@@ -102,6 +104,7 @@ class PromptedTextEncoder(nn.Module):
         c_idx: torch.Tensor,
         deep_prompts: Optional[Dict[int, torch.Tensor]] = None,
         backend: Optional[str] = None,
+        normalize: bool = False,
     ) -> torch.Tensor:
         """Features of prompt pairs, exactly equal to the reference.
 
@@ -111,10 +114,12 @@ class PromptedTextEncoder(nn.Module):
             g_idx, c_idx: [N] int64, the (context, class) pair to encode at each row.
             deep_prompts: {layer i: [M, D] or [G, M, D]} hidden states that replace the context positions
                 before block i (needs the context inside the shared prefix, i.e. position "end").
-            backend: op backend ("auto", "reference", "compiled", ...).
+            backend: op backend ("auto", "reference", "triton", "compiled", ...); an op without a kernel of
+                that kind runs its reference.
+            normalize: L2-normalise the features (fused into the pooling op).
 
         Returns:
-            [N, E] unnormalised text features.
+            [N, E] text features.
         """
         if self.fast_unsupported:
             raise RuntimeError(f"the fast text engine cannot run this model: {self.fast_unsupported}")
@@ -124,28 +129,35 @@ class PromptedTextEncoder(nn.Module):
         G = ctx.shape[0]
         dev = ctx.device
         pos = tower.positional_embedding
+        # Ops take the learner-wide backend non-strictly: an op without that kind of kernel uses its reference.
+        opts = {"backend": backend, "strict": False}
         zeros_g = torch.zeros(G, dtype=torch.long, device=dev)
         arange_g = torch.arange(G, device=dev)
-        xp = assemble(ctx, shift, self.fixed_prefix, self.slot_prefix, pos, 0, arange_g, zeros_g, backend=backend)
-        xs = assemble(ctx, shift, self.fixed_suffix, self.slot_suffix, pos, P, g_idx, c_idx, backend=backend)
-        # Pack the suffixes: only the rows up to each pair's EOT exist (truncation per pair, no padding in the
-        # token-wise GEMMs); attention alone sees a padded [N, S] view, whose pad rows it never reads.
+        xp = assemble(ctx, shift, self.fixed_prefix, self.slot_prefix, pos, 0, arange_g, zeros_g, **opts)
+        xs = assemble(ctx, shift, self.fixed_suffix, self.slot_suffix, pos, P, g_idx, c_idx, **opts)
+        # Pack the suffixes: each pair keeps only its rows up to its own EOT (no padding in the token-wise
+        # GEMMs). Rows of pair n are cu_seqlens[n] .. cu_seqlens[n+1]-1.
         N, S, D = xs.shape
         lengths = self.eot[c_idx] - P + 1  # [N]
         valid = torch.arange(S, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
-        pack = _Packing(valid.view(-1).nonzero().squeeze(1), N, S)
-        xs = xs.reshape(N * S, D).index_select(0, pack.index)  # [T, D]
-        eot_rows = lengths.cumsum(0) - 1  # row of each pair's EOT in the packed suffixes
+        xs = xs.reshape(N * S, D)[valid.view(-1)]  # [T, D]
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
+        seqs = _Suffixes(cu_seqlens, g_idx, S, cu_seqlens[1:] - 1)
         blocks = tower.blocks
-        last = len(blocks) - 1
         for i, blk in enumerate(blocks):
             if deep_prompts and i in deep_prompts:
                 xp = self._replace_context(xp, deep_prompts[i])
-            if i < last:
-                xp, xs = _block_shared_prefix(blk, xp, xs, g_idx, pack)
-            else:
-                row = _last_block_eot_rows(blk, xp, xs, g_idx, pack, eot_rows, lengths - 1)
-        return tower.project(tower.ln_final(row))
+            # Last block: only the EOT rows are pooled, so only they go on past attention.
+            xp, xs = _block(blk, xp, xs, seqs, last=i == len(blocks) - 1, **opts)
+        return self._pool(xs, normalize, **opts)
+
+    def _pool(self, rows: torch.Tensor, normalize: bool, backend, strict) -> torch.Tensor:
+        tower = self.tower
+        ln, proj = tower.ln_final, tower.text_projection
+        if isinstance(ln, nn.LayerNorm) and (proj is None or isinstance(proj, torch.Tensor)):
+            return pool_project(rows, None, ln.weight, ln.bias, ln.eps, proj, normalize, backend=backend, strict=strict)
+        feats = tower.project(ln(rows))  # an unusual head (e.g. a Linear projection with bias): as the tower does
+        return F.normalize(feats, dim=-1) if normalize else feats
 
     def _replace_context(self, xp: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         pos = self.prefix_ctx_positions
@@ -176,66 +188,34 @@ def _qkv(attn: nn.MultiheadAttention, h: torch.Tensor):
     return _split_heads(q, H), _split_heads(k, H), _split_heads(v, H)
 
 
-class _Packing:
-    """Where the packed suffix rows [T] sit in the padded [N, S] layout."""
+class _Suffixes:
+    """Layout of the packed class suffixes: pair n owns rows cu_seqlens[n] .. cu_seqlens[n+1]-1 and reads
+    prefix g_idx[n]; eot_rows[n] is its last (EOT) row; max_seqlen bounds every suffix length."""
 
-    def __init__(self, index: torch.Tensor, n: int, s: int):
-        self.index, self.n, self.s = index, n, s
-
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        # [T, F] -> [N, S, F], zeros at rows past each pair's EOT (never attended by a valid query)
-        out = x.new_zeros(self.n * self.s, x.shape[-1]).index_copy(0, self.index, x)
-        return out.view(self.n, self.s, x.shape[-1])
-
-    def unpad(self, x: torch.Tensor) -> torch.Tensor:
-        # [N, S, F] -> [T, F]
-        return x.reshape(self.n * self.s, x.shape[-1]).index_select(0, self.index)
+    def __init__(self, cu_seqlens: torch.Tensor, g_idx: torch.Tensor, max_seqlen: int, eot_rows: torch.Tensor):
+        self.cu_seqlens, self.g_idx, self.max_seqlen, self.eot_rows = cu_seqlens, g_idx, max_seqlen, eot_rows
 
 
-def _suffix_mask(P: int, S: int, device) -> torch.Tensor:
-    # Suffix query j sees the whole prefix and suffix keys 0..j (causal, aligned bottom-right).
-    own = torch.ones(S, S, dtype=torch.bool, device=device).tril()
-    return torch.cat([torch.ones(S, P, dtype=torch.bool, device=device), own], dim=1)
+def _block(blk: nn.Module, xp, xs, seqs: _Suffixes, last: bool, backend, strict):
+    """One open_clip ResidualAttentionBlock over the prefixes xp [G, P, D] and packed suffixes xs [T, D].
 
-
-def _block_shared_prefix(blk: nn.Module, xp: torch.Tensor, xs: torch.Tensor, g_idx: torch.Tensor, pack: _Packing):
-    """One open_clip ResidualAttentionBlock over the prefixes [G, P, D] and packed class suffixes [T, D]."""
-    attn = blk.attn
-    H = attn.num_heads
-    qp, kp, vp = _qkv(attn, blk.ln_1(xp))
-    qkv_s = pack.pad(F.linear(blk.ln_1(xs), attn.in_proj_weight, attn.in_proj_bias))
-    qs, ks, vs = (_split_heads(t, H) for t in qkv_s.chunk(3, dim=-1))
-    op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-    keys = torch.cat([kp.index_select(0, g_idx), ks], dim=2)
-    values = torch.cat([vp.index_select(0, g_idx), vs], dim=2)
-    os_ = F.scaled_dot_product_attention(qs, keys, values, attn_mask=_suffix_mask(xp.shape[1], pack.s, xs.device))
-    out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
-    xp = xp + blk.ls_1(F.linear(_merge_heads(op), out_w, out_b))
-    xs = xs + blk.ls_1(F.linear(pack.unpad(_merge_heads(os_)), out_w, out_b))
-    xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
-    xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
-    return xp, xs
-
-
-def _last_block_eot_rows(blk, xp, xs, g_idx, pack: _Packing, eot_rows, eot_rel) -> torch.Tensor:
-    """Last block, computed only where it is pooled: returns the EOT row of every pair, [N, D].
-
-    The prefix contributes keys/values only; suffix rows other than EOT contribute keys/values only.
+    In the last block the prefix only contributes keys/values, and only the EOT rows [N, D] are returned
+    (the MLP runs on N rows instead of T + G*P).
     """
     attn = blk.attn
     H = attn.num_heads
-    D = xs.shape[-1]
-    N, S, P = pack.n, pack.s, xp.shape[1]
-    _, kp, vp = _qkv(attn, blk.ln_1(xp))
-    hs = blk.ln_1(xs)
-    w_q, w_kv = attn.in_proj_weight.split([D, 2 * D])
-    b_q, b_kv = (None, None) if attn.in_proj_bias is None else attn.in_proj_bias.split([D, 2 * D])
-    q = F.linear(hs.index_select(0, eot_rows), w_q, b_q).view(N, H, 1, D // H)
-    ks, vs = pack.pad(F.linear(hs, w_kv, b_kv)).chunk(2, dim=-1)
-    keys = torch.cat([kp.index_select(0, g_idx), _split_heads(ks, H)], dim=2)
-    values = torch.cat([vp.index_select(0, g_idx), _split_heads(vs, H)], dim=2)
-    # Row eot_rel of the suffix mask: the prefix, and suffix keys up to the EOT itself.
-    mask = torch.arange(P + S, device=xs.device).unsqueeze(0) <= (P + eot_rel).unsqueeze(1)  # [N, P+S]
-    o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.view(N, 1, 1, P + S))
-    x = xs.index_select(0, eot_rows) + blk.ls_1(F.linear(o.reshape(N, D), attn.out_proj.weight, attn.out_proj.bias))
-    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    T, D = xs.shape
+    qp, kp, vp = _qkv(attn, blk.ln_1(xp))
+    qs, ks, vs = F.linear(blk.ln_1(xs), attn.in_proj_weight, attn.in_proj_bias).view(T, 3, H, D // H).unbind(1)
+    o = prefix_attention(qs, ks, vs, kp, vp, seqs.cu_seqlens, seqs.g_idx, seqs.max_seqlen, backend=backend, strict=strict)
+    o = o.reshape(T, D)
+    out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
+    if last:
+        xs, o = xs.index_select(0, seqs.eot_rows), o.index_select(0, seqs.eot_rows)
+    else:
+        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+        xp = xp + blk.ls_1(F.linear(_merge_heads(op), out_w, out_b))
+        xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
+    xs = xs + blk.ls_1(F.linear(o, out_w, out_b))
+    xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
+    return xp, xs

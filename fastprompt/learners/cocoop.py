@@ -18,6 +18,7 @@ from fastprompt.classplan import build_class_plan, clean_classnames
 from fastprompt.encoders.prompted_text import PromptedTextEncoder
 from fastprompt.learners._common import PromptLearner, config_from, context_init, plan_kwargs
 from fastprompt.learners.registry import register_learner
+from fastprompt.ops.condition import condition
 
 
 @dataclass
@@ -64,7 +65,11 @@ class CoCoOp(PromptLearner):
 
     def image_shift(self, image_features: torch.Tensor) -> torch.Tensor:
         """Normalised image features [B, E] -> per-image context shift pi [B, D]."""
-        return self.meta_net(image_features.to(self.ctx.dtype))
+        x = image_features.to(self.ctx.dtype)
+        if self.uses_reference:
+            return self.meta_net(x)
+        l1, l2 = self.meta_net.linear1, self.meta_net.linear2
+        return condition(x, l1.weight, l1.bias, l2.weight, l2.bias, "relu", backend=self.op_backend, strict=False)
 
     def text_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Normalised image features [B, E] -> L2-normalised text features [B, C, E] of every (image, class)."""
@@ -76,8 +81,8 @@ class CoCoOp(PromptLearner):
         g_idx = torch.arange(B, device=dev).repeat_interleave(C)
         c_idx = torch.arange(C, device=dev).repeat(B)
         ctx = self.ctx.unsqueeze(0).expand(B, -1, -1)
-        feats = self.text.fast_features(ctx, shift, g_idx, c_idx, backend=self.op_backend)
-        return F.normalize(feats, dim=-1).view(B, C, -1)
+        feats = self.text.fast_features(ctx, shift, g_idx, c_idx, backend=self.op_backend, normalize=True)
+        return feats.view(B, C, -1)
 
     def _reference_text(self, shift: torch.Tensor) -> torch.Tensor:
         # The official loops: per image, expand its shifted context to all classes and run the full tower.

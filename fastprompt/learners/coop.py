@@ -71,16 +71,18 @@ class CoOp(PromptLearner):
         return self.cached_text_features(self._text_features)
 
     def _text_features(self) -> torch.Tensor:
-        feats = self._reference_text() if self.uses_reference else self._fast_text()
-        return F.normalize(feats, dim=-1)
+        if self.uses_reference:
+            return F.normalize(self._reference_text(), dim=-1)
+        return self._fast_text()
 
     def _fast_text(self) -> torch.Tensor:
+        """[C, E] normalised features through the fast engine."""
         C = len(self.classnames)
         c_idx = torch.arange(C, device=self.ctx.device)
         if self.csc:  # one context per class: the diagonal pairs (c, c)
-            return self.text.fast_features(self.ctx, None, c_idx, c_idx, backend=self.op_backend)
+            return self.text.fast_features(self.ctx, None, c_idx, c_idx, backend=self.op_backend, normalize=True)
         g_idx = torch.zeros(C, dtype=torch.long, device=self.ctx.device)
-        return self.text.fast_features(self.ctx.unsqueeze(0), None, g_idx, c_idx, backend=self.op_backend)
+        return self.text.fast_features(self.ctx.unsqueeze(0), None, g_idx, c_idx, backend=self.op_backend, normalize=True)
 
     def _reference_text(self) -> torch.Tensor:
         # The official PromptLearner.forward: concatenation into full-length prompts.

@@ -1,17 +1,19 @@
 """Backend selection shared by every op.
 
-Backends: ``reference`` (eager torch, the contract), ``compiled`` (the C++ CPU / CUDA kernels of
-``fastprompt._C``, also reachable by the device names ``cpu`` and ``cuda``), and ``auto`` (the fastest one
-present for the tensor's device). ``FASTPROMPT_BACKEND`` sets the default.
+Backends: ``reference`` (eager torch, the contract), ``triton`` (Triton kernels: CUDA, or the CPU under
+``TRITON_INTERPRET=1``), ``compiled`` (the C++ CPU / CUDA kernels of ``fastprompt._C``, also reachable by the
+device names ``cpu`` and ``cuda``), and ``auto`` (the fastest one present for the tensor's device; never the
+Triton interpreter). ``FASTPROMPT_BACKEND`` sets the default.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-BACKENDS = ("auto", "reference", "compiled", "cpu", "cuda")
+BACKENDS = ("auto", "reference", "triton", "compiled", "cpu", "cuda")
+Check = Callable[[torch.device], Tuple[bool, str]]
 
 
 def default_backend() -> str:
@@ -26,32 +28,73 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def resolve(
-    op_name: str,
-    backend: str,
-    device: torch.device,
-    available: Dict[str, Callable[[torch.device], Tuple[bool, str]]],
-    preference: Tuple[str, ...],
-) -> str:
-    """Pick a concrete backend name for ``op_name`` on ``device``.
+def reference_ok(device: torch.device) -> Tuple[bool, str]:
+    return True, ""
 
-    ``available[name](device)`` returns (usable, why-not). ``auto`` takes the first usable entry of
-    ``preference``; an explicit backend that is not usable is an error that says why.
-    """
-    backend = check_backend(backend)
-    if backend == "auto":
-        for name in preference:
-            ok, _ = available[name](device)
-            if ok:
-                return name
-        return "reference"
-    if backend in ("cpu", "cuda"):
-        if device.type != backend:
-            raise ValueError(f"{op_name}: backend {backend!r} requested for a tensor on {device}")
-        backend = "compiled"
-    if backend not in available:
-        raise ValueError(f"{op_name}: no {backend!r} backend (has: {', '.join(sorted(available))})")
-    ok, why = available[backend](device)
-    if not ok:
-        raise RuntimeError(f"{op_name}: backend {backend!r} is not available on {device}: {why}")
-    return backend
+
+def compiled_ok(device: torch.device) -> Tuple[bool, str]:
+    from fastprompt._extension import extension_has_cuda, extension_loaded, load_error
+
+    if not extension_loaded():
+        return False, f"fastprompt._C not loaded ({load_error()})"
+    if device.type == "cuda" and not extension_has_cuda():
+        return False, "fastprompt._C was built without CUDA kernels"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"no compiled kernel for device type {device.type}"
+    return True, ""
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_ok(device: torch.device) -> Tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # not installed, or broken
+        return False, f"triton not importable ({type(exc).__name__})"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and triton_interpreting():
+        return True, ""
+    return False, "Triton kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1)"
+
+
+class OpBackends:
+    """The backends one op has, and how ``auto`` ranks them per device type."""
+
+    def __init__(self, op_name: str, available: Dict[str, Check], preference: Dict[str, Tuple[str, ...]]):
+        self.op_name = op_name
+        self.available = available
+        self.preference = preference
+
+    def table(self, device) -> Dict[str, Tuple[bool, str]]:
+        """{backend: (usable, why-not)} on ``device``."""
+        device = torch.device(device)
+        return {name: check(device) for name, check in self.available.items()}
+
+    def resolve(self, backend: Optional[str], device: torch.device, strict: bool = True) -> str:
+        """A concrete backend for ``device``.
+
+        ``auto`` takes the first usable entry of the device type's preference. An explicit backend that this op
+        lacks is an error when ``strict``, else the reference (a learner-wide "triton" on an op without a Triton
+        kernel). An explicit backend the op has but cannot use here is always an error that says why.
+        """
+        backend = check_backend(backend or default_backend())
+        if backend == "auto":
+            for name in self.preference.get(device.type, ()):
+                if name in self.available and self.available[name](device)[0]:
+                    return name
+            return "reference"
+        if backend in ("cpu", "cuda"):
+            if device.type != backend:
+                raise ValueError(f"{self.op_name}: backend {backend!r} requested for a tensor on {device}")
+            backend = "compiled"
+        if backend not in self.available:
+            if strict:
+                raise ValueError(f"{self.op_name}: no {backend!r} backend (has: {', '.join(sorted(self.available))})")
+            return "reference"
+        ok, why = self.available[backend](device)
+        if not ok:
+            raise RuntimeError(f"{self.op_name}: backend {backend!r} is not available on {device}: {why}")
+        return backend
