@@ -8,9 +8,16 @@ Environment:
   CUDA_HOME               CUDA toolkit root (default /usr/local/cuda when it has bin/nvcc).
   MAX_JOBS                parallel compile jobs (read by torch's ninja build).
   NVCC_THREADS            nvcc --threads (parallel per-arch compilation; default 4).
+  FASTPROMPT_LOCAL_VERSION  a PEP 440 local version appended to the version, e.g. "pt214cu130" for a wheel on
+                          a per-CUDA index (never on PyPI, which rejects local versions). .ci/wheels.sh sets it.
+
+The compiled extension is bound to the torch it is built against: that torch (and CUDA) is recorded in
+fastprompt/_build_info.py, and fastprompt refuses to load a mismatched extension (falling back to its other
+backends, with the reason in fastprompt.env_report()).
 """
 import glob
 import os
+import re
 
 from setuptools import setup
 
@@ -27,9 +34,30 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
+def _version():
+    with open(os.path.join(ROOT, "fastprompt", "_version.py")) as f:
+        version = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+    local = os.environ.get("FASTPROMPT_LOCAL_VERSION", "").strip().lstrip("+")
+    if local:
+        if not re.fullmatch(r"[A-Za-z0-9]+(\.[A-Za-z0-9]+)*", local):
+            raise ValueError(f"FASTPROMPT_LOCAL_VERSION={local!r} is not a PEP 440 local version label")
+        version += "+" + local
+    return version
+
+
+def _write_build_info(path, info):
+    # Read by fastprompt._extension before it loads _C (a mismatched torch must not load the binary).
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time: what fastprompt._C was compiled against.\n")
+        f.write(f"BUILD_INFO = {info!r}\n")
+
+
 def _extension_build():
     if os.environ.get("FASTPROMPT_SKIP_EXT", "0") == "1":
         _log("FASTPROMPT_SKIP_EXT=1: building no extension (pure Python)")
+        info_path = os.path.join(ROOT, "fastprompt", "_build_info.py")
+        if os.path.exists(info_path):
+            os.remove(info_path)  # no extension: nothing to describe (a stale file must not ship)
         return [], {}
 
     # torch.utils.cpp_extension reads CUDA_HOME when imported. Without it, it takes the parent of the
@@ -77,6 +105,17 @@ def _extension_build():
         f"CUDA_HOME={CUDA_HOME}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}, "
         f"MAX_JOBS={os.environ.get('MAX_JOBS', '(torch default)')}, sources={sources}"
     )
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda if with_cuda else None, "with_cuda": with_cuda,
+            "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None}
+
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            # Beside the built _C (the source tree for in-place / editable builds, build/lib for wheels), so
+            # an out-of-tree build never relabels the in-place extension.
+            for e in self.extensions:
+                _write_build_info(os.path.join(os.path.dirname(self.get_ext_fullpath(e.name)), "_build_info.py"), info)
+
     ext = ext_cls(
         name="fastprompt._C",
         sources=sources,
@@ -84,8 +123,8 @@ def _extension_build():
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extension_build()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(version=_version(), ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,7 +1,11 @@
 """Loading of the compiled extension ``fastprompt._C``.
 
-The package must import without it (pure-Python installs, a wheel built for another torch): ops then fall
-back to their reference. ``load_error()`` keeps the reason so ``env_report()`` can show it.
+The package must import without it (pure-Python wheels, a wheel built for another torch): ops then fall
+back to Triton or their reference. ``load_error()`` keeps the reason so ``env_report()`` can show it.
+
+A C++ extension is bound to the torch it was compiled against (its C++ ABI is not stable across minor
+releases), so ``setup.py`` records that torch in ``fastprompt/_build_info.py``; a mismatch is detected here,
+before the shared object is loaded (loading it could fail with undefined symbols, or worse, load and misbehave).
 """
 from __future__ import annotations
 
@@ -10,6 +14,35 @@ from typing import Optional
 
 _loaded: Optional[bool] = None
 _error: Optional[str] = None
+
+
+def build_info() -> Optional[dict]:
+    """What the extension was built against ({"torch": ..., "cuda": ..., "with_cuda": ...}), or None."""
+    try:
+        from fastprompt._build_info import BUILD_INFO
+    except ImportError:
+        return None
+    return dict(BUILD_INFO)
+
+
+def _torch_release(version: str) -> str:
+    # "2.14.1+cu130" -> "2.14": extensions are compatible across patch releases, not minor ones.
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _mismatch() -> Optional[str]:
+    import torch
+
+    info = build_info()
+    if info is None:
+        return None
+    built, running = info.get("torch", ""), torch.__version__
+    if _torch_release(built) != _torch_release(running):
+        return f"it was built for torch {built}, but torch {running} is running; rebuild or install the matching wheel"
+    if info.get("with_cuda") and torch.version.cuda and info.get("cuda"):
+        if info["cuda"].split(".")[0] != torch.version.cuda.split(".")[0]:
+            return f"it was built for CUDA {info['cuda']}, but torch uses CUDA {torch.version.cuda}"
+    return None
 
 
 def extension_loaded() -> bool:
@@ -21,10 +54,15 @@ def extension_loaded() -> bool:
         else:
             try:
                 import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
-                from fastprompt import _C  # noqa: F401  (import runs the TORCH_LIBRARY registrations)
 
-                _loaded = True
-            except Exception as exc:  # ImportError, or an undefined symbol from a torch ABI mismatch
+                why = _mismatch()
+                if why:
+                    _loaded, _error = False, why
+                else:
+                    from fastprompt import _C  # noqa: F401  (import runs the TORCH_LIBRARY registrations)
+
+                    _loaded = True
+            except Exception as exc:  # ImportError (not built), OSError / undefined symbol (ABI mismatch)
                 _loaded, _error = False, f"{type(exc).__name__}: {exc}"
     return _loaded
 

@@ -1,10 +1,50 @@
-# Provisional dispatch (reference only); replaced by the op's full dispatch module.
-from fastprompt.ops._dispatch import OpBackends, reference_ok
+"""prefix_attention: causal attention of packed class suffixes over their group's shared prefix.
+
+See :func:`fastprompt.ops.prefix_attention.reference.prefix_attention_reference` for the exact definition.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastprompt.ops._dispatch import OpBackends, reference_ok, triton_ok
 from fastprompt.ops.prefix_attention.reference import prefix_attention_reference
 
-BACKENDS = OpBackends("prefix_attention", {"reference": reference_ok}, {})
+__all__ = ["prefix_attention", "prefix_attention_reference", "BACKENDS"]
+
+BACKENDS = OpBackends(
+    "prefix_attention",
+    {"reference": reference_ok, "triton": triton_ok},
+    {"cuda": ("triton",), "cpu": ()},
+)
 
 
-def prefix_attention(*args, backend=None, strict=True, **kwargs):
-    BACKENDS.resolve(backend, args[0].device, strict)
-    return prefix_attention_reference(*args, **kwargs)
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_prefix: torch.Tensor,
+    v_prefix: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    g_idx: torch.Tensor,
+    max_seqlen: int,
+    backend: Optional[str] = None,
+    strict: bool = True,
+) -> torch.Tensor:
+    """Shared-prefix causal attention, dispatched by backend.
+
+    Shapes: q, k, v [T, H, dh] (packed suffix rows, T = cu_seqlens[-1]), k_prefix, v_prefix [G, H, P, dh],
+    cu_seqlens [N + 1] int32 / int64, g_idx [N] int64 in [0, G), max_seqlen int >= every suffix length
+    ->  [T, H, dh] in q's dtype. Suffix row j of pair n attends to the P prefix keys of group g_idx[n] and to
+    its own suffix keys 0..j (scale 1/sqrt(dh)). See ``prefix_attention_reference`` for the formula.
+
+    The Triton backend takes float32 / float16 / bfloat16 and dh a power of two >= 16; its backward is
+    deterministic.
+    """
+    name = BACKENDS.resolve(backend, q.device, strict)
+    if name == "triton":
+        from fastprompt.ops.prefix_attention.triton import prefix_attention_triton
+
+        return prefix_attention_triton(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
+    return prefix_attention_reference(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
