@@ -108,3 +108,23 @@ def test_float32_tiny_all_positions():
     for position in ("end", "middle", "front"):
         learner = fastprompt.create_learner("coop", model, NAMES, n_ctx=5, class_token_position=position)
         assert_equivalent(learner, images_for(model, 2, torch.float32), "auto", TOL[torch.float32])
+
+
+# ---------------------------------------------------------------------- every op on its Triton kernel
+TRITON_RUNS = pytest.mark.skipif(
+    not (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1"),
+    reason="Triton needs a GPU or TRITON_INTERPRET=1",
+)
+
+
+@TRITON_RUNS
+@pytest.mark.parametrize("dtype", [torch.float32])  # the Triton attention kernel computes fp32/fp16/bf16
+@pytest.mark.parametrize("method,kwargs", [
+    ("coop", {"n_ctx": 3}), ("coop", {"n_ctx": 3, "class_token_position": "middle"}),
+    ("coop", {"n_ctx": 2, "csc": True}), ("cocoop", {"n_ctx": 2, "ctx_init": ""}),
+])
+def test_learners_on_triton_kernels(method, kwargs, dtype):
+    """The whole fast engine with every op on its Triton kernel (the CPU interpreter here: tiny shapes)."""
+    model = tiny_clip(dtype=dtype)
+    learner = fastprompt.create_learner(method, model, NAMES[:3], **kwargs)
+    assert_equivalent(learner, images_for(model, 2, dtype), "triton", TOL[dtype])
