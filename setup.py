@@ -88,7 +88,9 @@ def _extension_build():
     # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 for torch >= 2.10,
     # whose headers do not compile as C++17).
     extra_compile_args = {"cxx": ["-O3"]}
-    define_macros = []
+    # One binary for every CPython >= 3.9 (abi3): the module only uses the limited C API (PyModule_Create);
+    # the ops go through torch's dispatcher, not through Python bindings.
+    define_macros = [("Py_LIMITED_API", "0x03090000")]
     if with_cuda:
         if force == "1" and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
@@ -122,9 +124,15 @@ def _extension_build():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
+        py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extension_build()
-setup(version=_version(), ext_modules=ext_modules, cmdclass=cmdclass)
+setup(
+    version=_version(),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
+)

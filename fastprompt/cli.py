@@ -46,6 +46,20 @@ def _env(_: argparse.Namespace) -> int:
     return 0
 
 
+def _selftest(_: argparse.Namespace) -> int:
+    from fastprompt.env import env_report
+    from fastprompt.selftest import selftest
+
+    env_report()
+    try:
+        selftest()
+    except AssertionError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    print("selftest passed")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastprompt", description="Exact, fast prompt tuning for CLIP models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="print versions and which backend each op uses")
     env.set_defaults(func=_env)
+
+    check = sub.add_parser("selftest", help="check this installation: fast == reference on every backend (seconds)")
+    check.set_defaults(func=_selftest)
     return parser
 
 
