@@ -64,6 +64,8 @@ def extension_loaded() -> bool:
                     _loaded = True
             except Exception as exc:  # ImportError (not built), OSError / undefined symbol (ABI mismatch)
                 _loaded, _error = False, f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, ImportError) and build_info() is None and "_C" in str(exc):
+                    _error = "not built into this install (a pure-Python wheel, or FASTPROMPT_SKIP_EXT=1)"
     return _loaded
 
 
