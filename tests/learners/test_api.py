@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastprompt
-from tests.conftest import rel_err, tiny_clip
+from tests.conftest import tiny_clip
 
 NAMES = ["dog", "cat", "red_panda"]
 
@@ -181,3 +181,23 @@ def test_non_causal_tower_falls_back_or_errors():
     assert learner.backend == "reference"  # auto: the engine cannot run a non-causal tower exactly
     with pytest.raises(ValueError, match="not causal"):
         learner.backend = "torch"
+
+
+def test_load_clip_errors_and_frozen_model(tmp_path):
+    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+        fastprompt.load_clip("ViT-Q-99")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fastprompt.load_clip("ViT-B-16", pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_load_clip_from_a_checkpoint_path(tmp_path):
+    """A checkpoint file on disk goes through open_clip's own loader (real weights for users who have them)."""
+    model, _, _ = fastprompt.load_clip("ViT-B-16", pretrained=None)
+    with torch.no_grad():
+        model.text_projection.mul_(0.5)  # a recognisable change
+    path = tmp_path / "vitb16.pt"
+    torch.save(model.state_dict(), path)
+    loaded, preprocess, tokenizer = fastprompt.load_clip("ViT-B-16", pretrained=str(path))
+    assert torch.equal(loaded.text_projection, model.text_projection)
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    assert tokenizer(["a dog"]).shape == (1, 77) and callable(preprocess)
