@@ -11,11 +11,12 @@ it after checking ``extension_loaded()``.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
 from fastprompt._extension import extension_loaded, load_error
+from fastprompt.ops.pool_project._autograd import make_backward, setup_context
 
 if not extension_loaded():
     raise ImportError(f"fastprompt._C is not available: {load_error()}")
@@ -114,25 +115,10 @@ def _pool_project_backward_fake(grad_out, out, x, rows, ln_weight, mean, rstd, n
 
 
 # ---------------------------------------------------------------------------------------------- autograd
-def _setup_context(ctx, inputs, output) -> None:
-    x, rows, ln_weight, _ln_bias, _eps, proj, normalize = inputs
-    out, mean, rstd, norm = output
-    ctx.mark_non_differentiable(mean, rstd, norm)
-    ctx.save_for_backward(x, rows, ln_weight, proj, out if normalize else None, mean, rstd, norm)
-    ctx.normalize = normalize
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_norm) -> Tuple[Optional[torch.Tensor], ...]:
-    x, rows, ln_weight, proj, out, mean, rstd, norm = ctx.saved_tensors
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        if out is None:
-            out = grad_out.new_empty((0,))  # unused without normalisation
-        grad_x = torch.ops.fastprompt.pool_project_backward(
-            grad_out, out, x, rows, ln_weight, mean, rstd, norm, proj, ctx.normalize
-        )
-    # x, rows, ln_weight, ln_bias, eps, proj, normalize
-    return grad_x, None, None, None, None, None, None
-
-
-torch.library.register_autograd("fastprompt::pool_project_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "fastprompt::pool_project_forward",
+    make_backward(torch.ops.fastprompt.pool_project_backward),
+    setup_context=setup_context,
+)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastprompt.ops.pool_project._autograd import make_backward, setup_context
+
 __all__ = ["pool_project_triton"]
 
 NORM_EPS = 1e-12  # F.normalize's eps
@@ -263,26 +265,9 @@ def _backward_fake(grad_out, out, x, rows, ln_weight, mean, rstd, norm, proj, no
     return x.new_empty(x.shape)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, rows, ln_weight, _ln_bias, _eps, proj, normalize = inputs
-    out, mean, rstd, norm = output
-    ctx.mark_non_differentiable(mean, rstd, norm)
-    ctx.save_for_backward(x, rows, ln_weight, proj, out if normalize else None, mean, rstd, norm)
-    ctx.normalize = normalize
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_rstd, _grad_norm) -> Tuple[Optional[torch.Tensor], ...]:
-    x, rows, ln_weight, proj, out, mean, rstd, norm = ctx.saved_tensors
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        if out is None:
-            out = grad_out.new_empty((0,))  # unused without normalisation
-        grad_x = _backward_op(grad_out, out, x, rows, ln_weight, mean, rstd, norm, proj, ctx.normalize)
-    # x, rows, ln_weight, ln_bias, eps, proj, normalize
-    return grad_x, None, None, None, None, None, None
-
-
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+_forward_op.register_autograd(make_backward(_backward_op), setup_context=setup_context)
 
 
 def pool_project_triton(
