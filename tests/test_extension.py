@@ -1,11 +1,20 @@
 """Import-time behaviour of the compiled extension: fall back with a reason when it cannot be used."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import fastprompt
 from fastprompt import _extension
+
+
+def test_extension_required_in_ci():
+    """FASTPROMPT_REQUIRE_EXT=1 (CI) turns a missing / broken extension into a failure instead of skips."""
+    if os.environ.get("FASTPROMPT_REQUIRE_EXT", "0") != "1":
+        pytest.skip("FASTPROMPT_REQUIRE_EXT is not 1")
+    assert _extension.extension_loaded(), f"fastprompt._C is required but did not load: {_extension.load_error()}"
 
 
 @pytest.fixture

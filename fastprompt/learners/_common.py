@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 import torch.nn as nn
@@ -227,7 +227,3 @@ def context_init(tower: TextTower, tokenizer, ctx_init: str, n_ctx: int, csc: bo
 
 def plan_kwargs(tower: TextTower) -> Dict[str, Any]:
     return {"context_length": tower.context_length, "pool_type": tower.pool_type, "eos_id": tower.eos_id}
-
-
-def as_list(names) -> List[str]:
-    return list(names)

