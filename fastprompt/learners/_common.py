@@ -125,10 +125,27 @@ class PromptLearner(nn.Module):
         self.clip.eval()  # the frozen backbone always runs in eval mode (no dropout), as in the official code
         return self
 
-    # ------------------------------------------------------------------ loss
+    # ------------------------------------------------------------------ training interface
+    # The trainer (fastprompt.training) only talks to a learner through these methods, so a method whose
+    # loss needs more than its logits (KgCoOp, CaPT, PromptSRC, DPC, ...) overrides compute_loss.
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy on the logits of :meth:`forward`."""
         return F.cross_entropy(logits, labels)
+
+    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor):
+        """One training step's objective: images [B, 3, H, W], labels [B] -> (loss [], logits [B, C])."""
+        logits = self(images)
+        return self.loss(logits, labels), logits
+
+    def param_groups(self, lr: float):
+        """Optimizer parameter groups at base learning rate ``lr`` (methods with staged LRs override)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
+        """Called by the trainer after each epoch (0-based); e.g. PromptSRC's Gaussian prompt aggregation."""
+
+    def attach_train_data(self, dataset) -> None:
+        """Called once by the trainer with the training dataset (DPC builds its hard-negative image library)."""
 
     # ------------------------------------------------------------------ state
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,61 @@
+"""Hand-crafted prompt templates of the standard datasets (CoOp's ``CUSTOM_TEMPLATES`` table).
+
+Keys are the snake-case dataset names used everywhere in fastprompt (``fastprompt.data`` class lists, the
+dataset layer); Dassl's CamelCase names (``"OxfordPets"``, ``"DescribableTextures"``, ...) are accepted too.
+KgCoOp (and the CaPT repository's KgCoOp/DePT baselines) use the same table except for DTD.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+__all__ = ["CUSTOM_TEMPLATES", "KGCOOP_TEMPLATES", "dataset_key", "template_for", "format_prompts"]
+
+CUSTOM_TEMPLATES: Dict[str, str] = {
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+    "dtd": "{} texture.",
+    "eurosat": "a centered satellite photo of {}.",
+    "stanford_cars": "a photo of a {}.",
+    "food101": "a photo of {}, a type of food.",
+    "sun397": "a photo of a {}.",
+    "caltech101": "a photo of a {}.",
+    "ucf101": "a photo of a person doing {}.",
+    "imagenet": "a photo of a {}.",
+    "imagenet_sketch": "a photo of a {}.",
+    "imagenetv2": "a photo of a {}.",
+    "imagenet_a": "a photo of a {}.",
+    "imagenet_r": "a photo of a {}.",
+}
+
+# KgCoOp's table: identical except DTD (its knowledge-guidance template differs from CaPT's TCI template).
+KGCOOP_TEMPLATES: Dict[str, str] = {**CUSTOM_TEMPLATES, "dtd": "a photo of a {}, a type of texture."}
+
+_DASSL_NAMES = {
+    "OxfordPets": "oxford_pets", "OxfordFlowers": "oxford_flowers", "FGVCAircraft": "fgvc_aircraft",
+    "DescribableTextures": "dtd", "EuroSAT": "eurosat", "StanfordCars": "stanford_cars", "Food101": "food101",
+    "SUN397": "sun397", "Caltech101": "caltech101", "UCF101": "ucf101", "ImageNet": "imagenet",
+    "ImageNetSketch": "imagenet_sketch", "ImageNetV2": "imagenetv2", "ImageNetA": "imagenet_a", "ImageNetR": "imagenet_r",
+}
+
+
+def dataset_key(name: str) -> str:
+    """Normalise a dataset name (``"OxfordPets"``, ``"oxford_pets"``, ``"oxford-pets"``) to its snake-case key."""
+    if name in _DASSL_NAMES:
+        return _DASSL_NAMES[name]
+    key = name.strip().lower().replace("-", "_")
+    lowered = {k.lower(): v for k, v in _DASSL_NAMES.items()}
+    return lowered.get(key, key)
+
+
+def template_for(dataset: str, table: Dict[str, str] = CUSTOM_TEMPLATES) -> str:
+    """The template of ``dataset`` in ``table``; an unknown dataset (e.g. a user's ImageFolder) gets CLIP's
+    generic "a photo of a {}."."""
+    return table.get(dataset_key(dataset), "a photo of a {}.")
+
+
+def format_prompts(template: str, classnames: Sequence[str]) -> List[str]:
+    """``template.format(name)`` per class, with ``_`` replaced by a space as the official code does."""
+    if "{}" not in template:
+        raise ValueError(f"template {template!r} has no '{{}}' slot for the class name")
+    return [template.format(c.replace("_", " ")) for c in classnames]
