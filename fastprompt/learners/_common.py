@@ -98,6 +98,22 @@ class PromptLearner(nn.Module):
         with torch.no_grad():  # frozen tower, and nothing upstream of it learns
             return self.clip.encode_image(images.to(visual_dtype))
 
+    def frozen_text_features(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Plain strings -> [N, E] unnormalised features of the frozen CLIP text encoder (``encode_text``),
+        without gradient. Used for hand-crafted template features (KgCoOp, CaPT, PromptSRC, SoftCPT)."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of strings, not one string")
+        texts = list(texts)
+        device = self.tower.token_embedding.weight.device
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                ids = torch.as_tensor(self.tokenizer(list(texts[i : i + batch_size])), dtype=torch.long)
+                out.append(self.clip.encode_text(ids.to(device)))
+        if not out:
+            raise ValueError("texts is empty")
+        return torch.cat(out)
+
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp()
