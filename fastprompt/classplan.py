@@ -74,6 +74,7 @@ def build_class_plan(
     context_length: int = 77,
     pool_type: str = "argmax",
     eos_id: Optional[int] = None,
+    fixed_prefix_tail: bool = False,
 ) -> ClassPlan:
     """Tokenise ``"<prompt_prefix> <name>."`` for every class and map where the context goes.
 
@@ -85,6 +86,10 @@ def build_class_plan(
             exactly M words, one BPE token each).
         position: where the class name goes: "end", "middle" or "front".
         context_length: the tower's context length (77 for CLIP).
+        fixed_prefix_tail: allow a ``prompt_prefix`` of more than ``n_ctx`` BPE tokens (position "end" only):
+            its first ``n_ctx`` tokens are the context slots and the rest stay fixed words before the class
+            name. MaPLe / IVLP / PromptSRC do this: n_ctx=2 initialised from "a photo of a" gives
+            ``[SOS] c1 c2 of a <name>. [EOT]``, because the official code slices the suffix at ``1 + n_ctx``.
     """
     if position not in CLASS_POSITIONS:
         raise ValueError(f"class_token_position must be one of {CLASS_POSITIONS}, got {position!r}")
@@ -93,7 +98,13 @@ def build_class_plan(
     names = clean_classnames(classnames)
     if prompt_prefix is None:
         prompt_prefix = " ".join(["X"] * n_ctx)
-    if len(_encode(tokenizer, prompt_prefix)) != n_ctx:
+    n_prefix = len(_encode(tokenizer, prompt_prefix))
+    if fixed_prefix_tail and n_prefix > n_ctx and position != "end":
+        raise ValueError(
+            f"a context phrase longer than n_ctx ({prompt_prefix!r}: {n_prefix} tokens, n_ctx={n_ctx}) needs "
+            f"class_token_position='end', got {position!r}"
+        )
+    if n_prefix < n_ctx or (n_prefix > n_ctx and not fixed_prefix_tail):
         raise ValueError(
             f"the context phrase {prompt_prefix!r} is {len(_encode(tokenizer, prompt_prefix))} BPE tokens, "
             f"not n_ctx={n_ctx}; use words that are one token each"

@@ -60,6 +60,134 @@ def _selftest(_: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- training commands
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def _train_config(args: argparse.Namespace):
+    """TrainConfig from: official defaults < --config file < command-line flags < --opts."""
+    from fastprompt.training.config import TrainConfig, apply_mapping, apply_opts, load_config_file
+
+    cfg = TrainConfig(method=args.method)
+    if args.config:
+        cfg = apply_mapping(cfg, load_config_file(args.config))
+    flags = {
+        "method": args.method, "model": args.model, "pretrained": args.pretrained, "root": args.root,
+        "shots": args.shots, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "precision": args.precision, "device": args.device, "output_dir": args.output_dir,
+        "num_workers": args.num_workers, "test_batch_size": args.test_batch_size,
+    }
+    if getattr(args, "subsample", None) is not None:
+        flags["subsample"] = args.subsample
+    import dataclasses
+
+    set_flags = {k: v for k, v in flags.items() if v is not None}
+    if "pretrained" in set_flags and str(set_flags["pretrained"]).lower() == "none":
+        set_flags["pretrained"] = None
+    cfg = dataclasses.replace(cfg, **set_flags)
+    if args.no_progress:
+        cfg = dataclasses.replace(cfg, progress=False)
+    if getattr(args, "class_sharding", False):
+        cfg = dataclasses.replace(cfg, class_sharding=True)
+    cfg = apply_opts(cfg, args.opts or [])
+    return cfg.validate()
+
+
+def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
+    from fastprompt.learners import list_learners
+
+    p.add_argument("--method", default="coop", help="prompt-tuning method: " + ", ".join(list_learners()))
+    p.add_argument("--config", default=None, help="YAML or JSON config (Dassl-style keys or TrainConfig fields)")
+    p.add_argument("--model", default=None, help="open_clip architecture or a path to an open_clip model-config JSON (default ViT-B-16)")
+    p.add_argument("--pretrained", default=None, help="open_clip tag (e.g. openai), checkpoint path, or 'none' (default openai)")
+    p.add_argument("--root", default=None, help="datasets root (CoOp layout)")
+    if multi_dataset:
+        p.add_argument("--dataset", nargs="+", required=True, help="one or more dataset names")
+        p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    else:
+        p.add_argument("--dataset", required=True)
+        p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--subsample", choices=["all", "base", "new"], default=None)
+    p.add_argument("--shots", type=int, default=None, help="images per class (default 16; -1 = all)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the method's official value")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the method's official value")
+    p.add_argument("--test-batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="default: the method's official value")
+    p.add_argument("--precision", default=None, choices=["fp32", "fp64", "bf16", "fp16", "amp"])
+    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--output-dir", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--class-sharding", action="store_true", help="under torchrun: split the classes' text encoding over the ranks")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="yacs-style KEY VALUE overrides, e.g. OPTIM.LR 0.002 TRAINER.COOP.N_CTX 4")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fastprompt.training.runner import train_run
+
+    cfg = _train_config(args)
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    cfg = dataclasses.replace(cfg, dataset=args.dataset)
+    results, _, _ = train_run(cfg, resume=args.resume)
+    if "accuracy" in results:
+        print(f"{cfg.method} on {cfg.dataset} ({cfg.subsample} classes, seed {cfg.seed}): "
+              f"test accuracy {results['accuracy']:.2f}%  -> {cfg.output_dir}")
+    return 0
+
+
+def _base2new(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fastprompt.training.runner import base2new_run
+
+    cfg = _train_config(args)
+    if args.shots is None and "DATASET.NUM_SHOTS" not in (args.opts or []):
+        cfg = dataclasses.replace(cfg, shots=16)
+    out = base2new_run(cfg, args.dataset, args.seeds, resume=args.resume)
+    if out:
+        from fastprompt.training.report import markdown_table
+
+        print(markdown_table(out["rows"], ["dataset", "base", "new", "hm"], ["dataset", "base", "new", "HM"]))
+        print("wrote " + ", ".join(out["paths"].values()))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from fastprompt.training.report import markdown_table
+    from fastprompt.training.runner import eval_run
+
+    out = eval_run(args.run, args.dataset, args.root, subsample=args.subsample, output_dir=args.output_dir,
+                   device=args.device, precision=args.precision, batch_size=args.batch_size,
+                   num_workers=args.num_workers, progress=not args.no_progress)
+    print(markdown_table(out["rows"], ["dataset", "accuracy"]))
+    print("wrote " + ", ".join(out["paths"].values()))
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    try:
+        import fastprompt.datasets as ds
+
+        check = ds.check_dataset
+    except (ImportError, AttributeError) as exc:
+        raise CLIError(f"the dataset layer is unavailable: {exc}")
+    names = args.dataset or (ds.list_datasets() if hasattr(ds, "list_datasets") else [])
+    bad = 0
+    for name in names:
+        problems = check(name, args.root)
+        status = "ok" if not problems else "MISSING"
+        print(f"{name}: {status}")
+        for problem in problems:
+            print(f"  - {problem}")
+        bad += bool(problems)
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastprompt", description="Exact, fast prompt tuning for CLIP models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,12 +212,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("selftest", help="check this installation: fast == reference on every backend (seconds)")
     check.set_defaults(func=_selftest)
+
+    train = sub.add_parser("train", help="train a learner on one dataset (few-shot, Dassl protocol)")
+    _add_run_options(train, multi_dataset=False)
+    train.set_defaults(func=_train)
+
+    b2n = sub.add_parser("base2new", help="base-to-new protocol: train on base classes, test base and new, all seeds")
+    _add_run_options(b2n, multi_dataset=True)
+    b2n.set_defaults(func=_base2new)
+
+    ev = sub.add_parser("eval", help="evaluate a trained run on datasets (new classes, cross-dataset, DG)")
+    ev.add_argument("--run", required=True, help="a training run directory (its --output-dir)")
+    ev.add_argument("--dataset", nargs="+", required=True)
+    ev.add_argument("--root", default=None, help="datasets root (default: the run's)")
+    ev.add_argument("--subsample", choices=["all", "base", "new"], default="all")
+    ev.add_argument("--output-dir", default=None, help="where eval_<subsample>.{json,csv,md} go (default: the run)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--precision", default=None, choices=["fp32", "fp64", "bf16", "fp16", "amp"])
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--num-workers", type=int, default=None)
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_eval)
+
+    dsets = sub.add_parser("datasets", help="check a datasets root: report what is missing")
+    dsets.add_argument("--root", required=True)
+    dsets.add_argument("--dataset", nargs="*", default=None, help="default: every known dataset")
+    dsets.set_defaults(func=_datasets)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.command in ("bench", "env", "selftest"):
+        return args.func(args)
+    from fastprompt.training.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CLIError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError) as exc:
+        # User errors: one clear line, no traceback; nothing was overwritten (runs check before writing).
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

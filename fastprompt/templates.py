@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence
 
-__all__ = ["CUSTOM_TEMPLATES", "KGCOOP_TEMPLATES", "dataset_key", "template_for", "format_prompts"]
+__all__ = [
+    "CUSTOM_TEMPLATES", "KGCOOP_TEMPLATES", "IMAGENET_TEMPLATES", "imagenet_templates", "dataset_key", "template_for",
+    "format_prompts",
+]
 
 CUSTOM_TEMPLATES: Dict[str, str] = {
     "oxford_pets": "a photo of a {}, a type of pet.",
@@ -59,3 +62,26 @@ def format_prompts(template: str, classnames: Sequence[str]) -> List[str]:
     if "{}" not in template:
         raise ValueError(f"template {template!r} has no '{{}}' slot for the class name")
     return [template.format(c.replace("_", " ")) for c in classnames]
+
+
+def imagenet_templates() -> List[str]:
+    """The 60 ImageNet prompt templates PromptSRC averages its frozen text features over.
+
+    They are the first 60 of the 80 templates of CLIP's ImageNet prompt-engineering notebook (open_clip's
+    ``OPENAI_IMAGENET_TEMPLATES``) with "a photo of a {}." moved to the front, in PromptSRC's order. Built from
+    open_clip's list (imported here, on first use, because importing open_clip takes seconds).
+    """
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    notebook = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+    first = notebook.index("a photo of a {}.")
+    return [notebook[first]] + notebook[:first] + notebook[first + 1 : 60]
+
+
+def __getattr__(name: str):
+    # ``IMAGENET_TEMPLATES`` is computed lazily (PEP 562) so that importing fastprompt does not import open_clip.
+    if name == "IMAGENET_TEMPLATES":
+        value = imagenet_templates()
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

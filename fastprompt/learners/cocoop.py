@@ -39,6 +39,7 @@ class CoCoOp(PromptLearner):
 
     method = "cocoop"
     config_class = CoCoOpConfig
+    image_conditional = True  # plug-in protocol (fastprompt/learners/_family.py): text features are [B, C, E]
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
         config = config_from(CoCoOpConfig, config, kwargs)
@@ -100,3 +101,43 @@ class CoCoOp(PromptLearner):
         image_features = F.normalize(self.encode_images(images), dim=-1)
         text_features = self.text_features(image_features)
         return self.logit_scale * torch.einsum("be,bce->bc", image_features.to(text_features.dtype), text_features)
+
+    # ------------------------------------------------------------------ plug-in protocol (see _family.py)
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> [B, E] unnormalised frozen image features (DePT hook)."""
+        return self.encode_images(images)
+
+    def class_text_features(self, image_features: torch.Tensor, class_shift=None) -> torch.Tensor:
+        """Unnormalised image features [B, E] -> [B, C, E] unnormalised text features of every (image, class)
+        (DePT hook). The meta-net reads the normalised image feature, as in CoCoOp."""
+        if class_shift is not None:
+            raise ValueError("CoCoOp's contexts are conditioned on the image; it takes no class shift")
+        if image_features is None:
+            raise ValueError("CoCoOp's text features need the batch's image features")
+        shift = self.image_shift(F.normalize(image_features, dim=-1))
+        text, C, B = self.text, len(self.classnames), shift.shape[0]
+        if self.uses_reference:
+            # The official loops, without the final normalisation.
+            prefix, suffix = text.token_embeds[:, :1], text.token_embeds[:, 1 + self.n_ctx :]
+            ctx_shifted = self.ctx.unsqueeze(0) + shift.unsqueeze(1)
+            out = []
+            for ctx_i in ctx_shifted:
+                prompts_i = torch.cat([prefix, ctx_i.unsqueeze(0).expand(C, -1, -1), suffix], dim=1)
+                out.append(text.reference_features(prompts_i, text.token_ids))
+            return torch.stack(out)
+        dev = shift.device
+        g_idx = torch.arange(B, device=dev).repeat_interleave(C)
+        c_idx = torch.arange(C, device=dev).repeat(B)
+        ctx = self.ctx.unsqueeze(0).expand(B, -1, -1)
+        return text.fast_features(ctx, shift, g_idx, c_idx, backend=self.op_backend, normalize=False).view(B, C, -1)
+
+    def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v [B, E], t [B, C, E] (unnormalised) -> [B, C] = logit_scale * cos, per image."""
+        from fastprompt.learners._family import itm_logits
+
+        return itm_logits(self.logit_scale, v, t)
+
+    def loss_from_features(self, v, t, labels, itm_loss=None, params=None):
+        """CoCoOp's objective from features: ``itm_loss(logits, labels)`` (cross-entropy by default)."""
+        logits = self.logits_from_features(v, t)
+        return (itm_loss or F.cross_entropy)(logits, labels), logits

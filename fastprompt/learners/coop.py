@@ -34,6 +34,7 @@ class CoOp(PromptLearner):
 
     method = "coop"
     config_class = CoOpConfig
+    image_conditional = False  # plug-in protocol (fastprompt/learners/_family.py)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
         config = config_from(CoOpConfig, config, kwargs)
@@ -84,6 +85,23 @@ class CoOp(PromptLearner):
         g_idx = torch.zeros(C, dtype=torch.long, device=self.ctx.device)
         return self.text.fast_features(self.ctx.unsqueeze(0), None, g_idx, c_idx, backend=self.op_backend, normalize=True)
 
+    def text_features_for(self, class_indices: torch.Tensor) -> torch.Tensor:
+        """class_indices [K] -> [K, E] L2-normalised text features of those classes only.
+
+        Used by class-sharded training (``fastprompt.training.distributed``): each process encodes its slice
+        of a large label space. The fast engine encodes only the K requested (context, class) pairs; the
+        reference backend computes the official all-class prompts and slices them (same values, no saving).
+        """
+        idx = torch.as_tensor(class_indices, dtype=torch.long, device=self.ctx.device)
+        if idx.dim() != 1:
+            raise ValueError(f"class_indices must be 1-D, got shape {tuple(idx.shape)}")
+        if self.uses_reference:
+            return F.normalize(self._reference_text(), dim=-1)[idx]
+        if self.csc:
+            return self.text.fast_features(self.ctx, None, idx, idx, backend=self.op_backend, normalize=True)
+        g_idx = torch.zeros_like(idx)
+        return self.text.fast_features(self.ctx.unsqueeze(0), None, g_idx, idx, backend=self.op_backend, normalize=True)
+
     def _reference_text(self) -> torch.Tensor:
         # The official PromptLearner.forward: concatenation into full-length prompts.
         text, M = self.text, self.n_ctx
@@ -113,3 +131,50 @@ class CoOp(PromptLearner):
         image_features = F.normalize(self.encode_images(images), dim=-1)
         text_features = self.encode_text()
         return self.logit_scale * image_features.to(text_features.dtype) @ text_features.t()
+
+    # ------------------------------------------------------------------ plug-in protocol (see _family.py)
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> [B, E] unnormalised frozen image features (DePT / CaPT hook)."""
+        return self.encode_images(images)
+
+    def class_text_features(self, image_features=None, class_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """-> [C, E] unnormalised class text features (DePT / CaPT hook).
+
+        ``class_shift`` [C, D] (CaPT) is added to every context token of class c, as the CaPT code adds its
+        class offsets to the expanded context; only the "end" position is supported there, as upstream.
+        """
+        from fastprompt.learners._family import check_shift, unified_fast_text, unified_reference_text
+
+        if class_shift is None:
+            if self.uses_reference:
+                return self._reference_text()
+            C = len(self.classnames)
+            c_idx = torch.arange(C, device=self.ctx.device)
+            g_idx = c_idx if self.csc else torch.zeros_like(c_idx)
+            ctx = self.ctx if self.csc else self.ctx.unsqueeze(0)
+            return self.text.fast_features(ctx, None, g_idx, c_idx, backend=self.op_backend, normalize=False)
+        if self.config.class_token_position != "end":
+            raise ValueError(f"a class shift needs class_token_position='end', got {self.config.class_token_position!r}")
+        check_shift(class_shift, len(self.classnames), self.tower.width)
+        if not self.csc:
+            if self.uses_reference:
+                return unified_reference_text(self.text, self.ctx, class_shift)
+            return unified_fast_text(self.text, self.ctx, class_shift, self.op_backend)
+        text, M = self.text, self.n_ctx
+        if self.uses_reference:
+            ctx = self.ctx + class_shift.unsqueeze(1)
+            prompts = torch.cat([text.token_embeds[:, :1], ctx, text.token_embeds[:, 1 + M :]], dim=1)
+            return text.reference_features(prompts, text.token_ids)
+        c_idx = torch.arange(len(self.classnames), device=self.ctx.device)
+        return text.fast_features(self.ctx, class_shift, c_idx, c_idx, backend=self.op_backend, normalize=False)
+
+    def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v [B, E], t [C, E] (unnormalised) -> [B, C] = logit_scale * cos."""
+        from fastprompt.learners._family import itm_logits
+
+        return itm_logits(self.logit_scale, v, t)
+
+    def loss_from_features(self, v, t, labels, itm_loss=None, params=None):
+        """CoOp's objective from features: ``itm_loss(logits, labels)`` (cross-entropy by default)."""
+        logits = self.logits_from_features(v, t)
+        return (itm_loss or F.cross_entropy)(logits, labels), logits

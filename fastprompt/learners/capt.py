@@ -1,0 +1,215 @@
+"""CaPT / DeCaPT (Zhang et al., arXiv 2506.23856; code "UCP" in Koorye/CaPT): class-conditioned prompts.
+
+A plug-in over a base learner (coop, kgcoop, prograd, or dept = KgCoOp + DePT, which is DeCaPT):
+
+* **Textual class information (TCI):** per class, the frozen CLIP ``encode_text`` of the dataset's hand-crafted
+  template (CoOp's ``CUSTOM_TEMPLATES``, "{} texture." for DTD), *not* normalised. Computed once per class list
+  (``set_classnames`` recomputes it for new classes, as the official per-subsample cache does).
+* **Conditioning MLP:** ``offset_c = up(dropout(leaky_relu(down(scale * TCI_c))))``, E -> H -> D, LeakyReLU slope
+  0.01; the official initialisation draws weights and biases from U(-1/sqrt(out), 1/sqrt(out)) (not PyTorch's
+  default). The offset is added to every context token of class c: one context per class.
+* **Margin-ITM loss** (``fastprompt.losses.margin_itm_loss``) replaces the base's cross-entropy on the ITM
+  logits, with S = cos-similarity of the TCI vectors; the base's other terms stay (KgCoOp's knowledge guidance,
+  DePT's CAT head, ProGrad's projection over all trainable tensors including the MLP).
+
+Fast path: the C per-class contexts run through the engine's diagonal pairs (c, c) with the offsets as the
+per-group shift (packed, truncated; no 77-token padding), and the MLP runs on the fused ``condition`` op (its
+CaPT form) whenever dropout is inactive (eval, or dropout = 0); with active dropout the MLP runs eagerly.
+
+Official defaults differ per base (``CAPT_DEFAULTS``, spec §6.5); options left at None take them.
+
+Deliberate differences: the MLP's output width is the context width D (the official code uses the projection
+width, equal to D for every CLIP it supports); only the "mlp" module and the "clip" TCI mode are implemented.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastprompt.classplan import clean_classnames
+from fastprompt.learners._common import PromptLearner, config_from
+from fastprompt.learners._family import build_base, forwarding_backend, with_dataset
+from fastprompt.learners.registry import register_learner
+from fastprompt.losses import MarginITMLoss, class_similarity
+from fastprompt.ops.condition import condition
+from fastprompt.templates import CUSTOM_TEMPLATES, format_prompts, template_for
+
+SUPPORTED_BASES = ("coop", "kgcoop", "prograd", "dept")
+
+# Official per-baseline settings (Koorye/CaPT configs/trainers/UCP*/ and train.py defaults).
+CAPT_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "coop": {"scale": 0.5, "hidden_dim": 32, "dropout": 0.1, "smooth": 0.0031},
+    "kgcoop": {"scale": 1.0, "hidden_dim": 32, "dropout": 0.0, "smooth": 0.001},
+    "prograd": {"scale": 1.0, "hidden_dim": 32, "dropout": 0.1, "smooth": 0.0031},
+    "dept": {"scale": 0.9, "hidden_dim": 64, "dropout": 0.1, "smooth": 0.0008},
+}
+BASE_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "coop": {"n_ctx": 4, "ctx_init": "a photo of a"},
+    "kgcoop": {"w": 1.5},
+    "prograd": {},
+    # DeCaPT: DePT over KgCoOp (W = 1.5), head and FiLM at lr x 18.
+    "dept": {"base": "kgcoop", "cls_weight": 0.7, "head_lr_mult": 18.0, "base_config": {"w": 1.5}},
+}
+
+
+def _merge(defaults: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(defaults)
+    for k, v in given.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class CaPTConfig:
+    """CaPT options (``TRAINER.UCP.*``); None takes the official value for the chosen base."""
+
+    base: str = "coop"
+    base_config: Dict[str, Any] = field(default_factory=dict)  # over BASE_DEFAULTS[base]
+    dataset: str = ""  # picks the TCI template (CUSTOM_TEMPLATES); passed down to bases that take a dataset
+    template: Optional[str] = None  # overrides the TCI template
+    hidden_dim: Optional[int] = None  # HIDDEN_DIM (32; DeCaPT 64)
+    dropout: Optional[float] = None  # DROPOUT (0.1; with KgCoOp 0.0)
+    scale: Optional[float] = None  # SCALE on the TCI before the MLP (CoOp 0.5, DeCaPT 0.9, else 1.0)
+    smooth: Optional[float] = None  # LOSS.SMOOTH, the margin epsilon (0.0031; KgCoOp 0.001; DeCaPT 0.0008)
+    use_sim: bool = True  # LOSS.USE_SIM: S = TCI cosine similarities (False: all ones)
+    backend: Optional[str] = None
+
+
+@dataclass
+class DeCaPTConfig(CaPTConfig):
+    """DeCaPT = CaPT over KgCoOp + DePT (the CaPT repository's "DePT")."""
+
+    base: str = "dept"
+
+
+class ConditionMLP(nn.Module):
+    """CaPT's meta-net ``E -> H -> D``: ``up(dropout(leaky_relu(down(scale * x))))`` with the official init."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float, dtype, device):
+        super().__init__()
+        self.down = nn.Linear(in_dim, hidden).to(device=device, dtype=dtype)
+        self.up = nn.Linear(hidden, out_dim).to(device=device, dtype=dtype)
+        self.dropout = dropout
+        with torch.no_grad():
+            for lin in (self.down, self.up):  # U(+-1/sqrt(out_features)) for weight and bias (ucp_base.Linear)
+                bound = 1.0 / math.sqrt(lin.out_features)
+                lin.weight.uniform_(-bound, bound)
+                lin.bias.uniform_(-bound, bound)
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        h = F.leaky_relu(self.down(x * scale), 0.01)
+        h = F.dropout(h, self.dropout, self.training)
+        return self.up(h)
+
+
+@register_learner("capt")
+class CaPT(PromptLearner):
+    """CaPT over ``config.base``. ``forward(images) -> logits [B, C]``; ``compute_loss`` uses margin-ITM.
+
+    Trainable: the base's tensors (``base.*``) and ``mlp.down`` [H, E] + [H], ``mlp.up`` [D, H] + [D].
+    Buffers: ``class_info`` [C, E] (TCI, unnormalised), ``class_sim`` [C, C].
+    """
+
+    config_class = CaPTConfig
+    backend = forwarding_backend()
+
+    def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
+        config = config_from(self.config_class, config, kwargs)
+        if config.base not in CAPT_DEFAULTS:
+            raise ValueError(f"CaPT does not support base learner {config.base!r}; choose one of {', '.join(SUPPORTED_BASES)}")
+        if not isinstance(config.base_config, dict):
+            raise TypeError(f"base_config must be a dict of the base learner's options, got {type(config.base_config).__name__}")
+        if config.template is not None and "{}" not in config.template:
+            raise ValueError(f"template {config.template!r} has no '{{}}' slot for the class name")
+        resolved = {k: (getattr(config, k) if getattr(config, k) is not None else v) for k, v in CAPT_DEFAULTS[config.base].items()}
+        config = replace(config, **resolved)  # saved resolved, so a reload does not depend on these tables
+        if config.hidden_dim < 1 or not 0.0 <= config.dropout < 1.0 or config.smooth < 0:
+            raise ValueError(f"need hidden_dim >= 1, 0 <= dropout < 1, smooth >= 0; got {config.hidden_dim}, {config.dropout}, {config.smooth}")
+        names = clean_classnames(classnames)
+        super().__init__(clip_model, names, config, tokenizer)
+        base_cfg = with_dataset(config.base, _merge(BASE_DEFAULTS[config.base], config.base_config), config.dataset)
+        base_cfg.setdefault("backend", config.backend)
+        self.base = build_base("CaPT", config.base, clip_model, names, base_cfg, self.tokenizer, SUPPORTED_BASES)
+        if self.base.image_conditional:
+            raise ValueError(f"CaPT needs a base whose prompts do not depend on the image, got {config.base!r}")
+        self.backend = self.base.backend
+        device = self.tower.token_embedding.weight.device
+        in_dim = int(self.clip.visual.output_dim)
+        self.mlp = ConditionMLP(in_dim, config.hidden_dim, self.tower.width, config.dropout, self.dtype, device)
+        self.set_classnames(names)
+
+    @property
+    def template(self) -> str:
+        return self.config.template or template_for(self.config.dataset or "", CUSTOM_TEMPLATES)
+
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Switch the class list: the base's class parts, the TCI and the similarity matrix are rebuilt."""
+        names = clean_classnames(classnames)
+        if names != list(self.base.classnames):
+            self.base.set_classnames(names)
+        self.classnames = list(self.base.classnames)
+        tci = self.frozen_text_features(format_prompts(self.template, self.classnames))
+        self.register_buffer("class_info", tci.to(self.tower.token_embedding.weight.device), persistent=False)
+        self.register_buffer("class_sim", class_similarity(tci), persistent=False)
+        self.margin_loss = MarginITMLoss(self.class_sim if self.config.use_sim else None, self.config.smooth)
+        self._text_cache = None
+
+    # ------------------------------------------------------------------ the class offsets
+    def class_offsets(self) -> torch.Tensor:
+        """[C, D] per-class context offsets ``MLP(scale * TCI)``."""
+        mlp, scale = self.mlp, float(self.config.scale)
+        x = self.class_info.to(mlp.down.weight.dtype)
+        if self.uses_reference or (mlp.training and mlp.dropout > 0):
+            return mlp(x, scale)
+        d, u = mlp.down, mlp.up
+        return condition(x, d.weight, d.bias, u.weight, u.bias, "leaky_relu", 0.01, scale, backend=self.op_backend, strict=False)
+
+    # ------------------------------------------------------------------ plug-in protocol (see _family.py)
+    image_conditional = False
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.base.image_features(images)
+
+    def class_text_features(self, image_features=None, class_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """-> [C, E] unnormalised features of the class-conditioned prompts."""
+        shift = self.class_offsets()
+        if class_shift is not None:
+            shift = shift + class_shift
+        return self.base.class_text_features(image_features, shift)
+
+    def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.base.logits_from_features(v, t)
+
+    def loss_from_features(self, v, t, labels, itm_loss=None, params=None):
+        """The base's objective with the margin-ITM loss on its ITM logits."""
+        params = [p for p in self.parameters() if p.requires_grad] if params is None else params
+        return self.base.loss_from_features(v, t, labels, itm_loss=itm_loss or self.margin_loss, params=params)
+
+    # ------------------------------------------------------------------ learner interface
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> logits [B, C] (the base's prediction with class-conditioned prompts)."""
+        v = self.image_features(images)
+        return self.logits_from_features(v, self.cached_text_features(self.class_text_features))
+
+    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor):
+        """images [B, 3, H, W], labels [B] -> (loss [], logits [B, C])."""
+        v = self.image_features(images)
+        return self.loss_from_features(v, self.class_text_features(v), labels)
+
+    def param_groups(self, lr: float):
+        """The base's groups (DeCaPT: head and FiLM at lr x 18) plus the MLP at ``lr`` (it is part of the
+        official prompt learner, outside the staged "new layers")."""
+        return self.base.param_groups(lr) + [{"params": list(self.mlp.parameters()), "lr": lr}]
+
+
+@register_learner("decapt")
+class DeCaPT(CaPT):
+    """DeCaPT: CaPT over KgCoOp + DePT with the official DeCaPT settings (scale 0.9, hidden 64, smooth 0.0008,
+    W 1.5, head lr x 18). Same class as CaPT with ``base="dept"``; registered under its own name."""
+
+    config_class = DeCaPTConfig

@@ -1,0 +1,309 @@
+"""Run configuration: official defaults per method, yacs-style ``--opts KEY VALUE`` overrides, YAML/JSON files.
+
+A run is one :class:`TrainConfig`. Its method-specific options (``learner``) are the fields of the learner's
+config dataclass (``CoOpConfig``, ...), whose defaults are the official ones; the optimisation defaults that
+the official YAML files set per method (epochs, batch size, lr) are in :data:`METHOD_DEFAULTS`.
+
+Dassl users can keep their keys: ``OPTIM.LR 0.002``, ``OPTIM.MAX_EPOCH 50``, ``DATALOADER.TRAIN_X.BATCH_SIZE 4``,
+``TRAINER.COOP.N_CTX 4`` (any field of the learner's config, upper-cased), ``TRAINER.COOP.PREC fp16``...
+The precedence is the same as Dassl's ``setup_cfg``: defaults < config file < command-line flags < ``--opts``.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["TrainConfig", "METHOD_DEFAULTS", "PRECISIONS", "resolve_defaults", "apply_opts", "load_config_file",
+           "apply_mapping", "default_epochs", "valid_keys"]
+
+PRECISIONS = ("fp32", "fp64", "bf16", "fp16", "amp")
+SUBSAMPLES = ("all", "base", "new")
+
+# Per-method optimisation defaults of the official configs (spec methods_coop_family.md §7.9, §5.5, and
+# methods_dpc_vapt_softcpt.md). ``epochs=None`` means "depends on the shots" (CoOp few-shot, see
+# default_epochs). Methods missing here (vpt, vapt, dapt, ivlp, prograd, ...) fall back to GENERIC and should
+# be given --opts OPTIM.MAX_EPOCH/OPTIM.LR/DATALOADER.TRAIN_X.BATCH_SIZE explicitly.
+METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "coop": {"epochs": None, "batch_size": 32, "lr": 0.002},  # CoOp few-shot: 50/100/200 epochs by shots
+    "cocoop": {"epochs": 10, "batch_size": 1, "lr": 0.002},
+    "kgcoop": {"epochs": 100, "batch_size": 128, "lr": 0.002},
+    "dept": {"epochs": 10, "batch_size": 4, "lr": 0.0035},
+    "capt": {"epochs": 10, "batch_size": 4, "lr": 0.0035},
+    "maple": {"epochs": 5, "batch_size": 4, "lr": 0.0035},
+    "promptsrc": {"epochs": 20, "batch_size": 4, "lr": 0.0025},
+    "dpc": {"epochs": 20, "batch_size": 4, "lr": 0.002},
+    "softcpt": {"epochs": 50, "batch_size": 32, "lr": 0.002},
+}
+GENERIC = {"epochs": 10, "batch_size": 32, "lr": 0.002}
+
+
+def default_epochs(method: str, shots: int, dataset: str = "") -> int:
+    """Official epoch count: the method's table entry; CoOp few-shot uses 50 (1 shot, and ImageNet at any
+    shots), 100 (2 and 4 shots) or 200 (8, 16 shots) epochs [CoOp COOP.md]."""
+    entry = METHOD_DEFAULTS.get(method, GENERIC)
+    if entry["epochs"] is not None:
+        return int(entry["epochs"])
+    if dataset.lower().replace("-", "_") == "imagenet" or shots == 1:
+        return 50
+    return 100 if shots in (2, 4) else 200
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training / evaluation run needs. ``None`` epochs/batch_size/lr mean "the method's
+    official default" (:func:`resolve_defaults`)."""
+
+    method: str = "coop"
+    model: str = "ViT-B-16"  # open_clip name, or a path to an open_clip model-config JSON
+    pretrained: Optional[str] = "openai"  # open_clip tag, a checkpoint path, or None (random weights)
+    dataset: str = ""
+    root: str = ""
+    shots: int = 16  # -1: the full training set
+    seed: int = 1
+    subsample: str = "all"  # "all" | "base" | "new"
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    test_batch_size: int = 100
+    lr: Optional[float] = None
+    momentum: float = 0.9  # Dassl OPTIM.MOMENTUM
+    weight_decay: float = 5e-4  # Dassl OPTIM.WEIGHT_DECAY
+    warmup_epoch: int = 1
+    warmup_lr: float = 1e-5
+    warmup_type: str = "constant"
+    precision: str = "fp32"
+    grad_clip: Optional[float] = None  # max grad norm; None = off, as the official code
+    num_workers: int = 4
+    device: str = "auto"
+    output_dir: str = "output"
+    class_sharding: bool = False  # multi-process only: each rank encodes a slice of the classes
+    progress: bool = True
+    learner: Dict[str, Any] = field(default_factory=dict)  # the learner config's fields
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}; fields: {sorted(names)}")
+        return cls(**data)
+
+    def validate(self) -> "TrainConfig":
+        from fastprompt.learners import list_learners
+
+        if self.method not in list_learners():
+            raise ValueError(f"unknown method {self.method!r}; available: {', '.join(list_learners())}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.subsample not in SUBSAMPLES:
+            raise ValueError(f"subsample must be one of {SUBSAMPLES}, got {self.subsample!r}")
+        if self.shots == 0 or self.shots < -1:
+            raise ValueError(f"shots must be -1 (all) or >= 1, got {self.shots}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        learner_fields = _learner_fields(self.method)
+        unknown = set(self.learner) - set(learner_fields)
+        if unknown:
+            raise ValueError(f"{self.method} has no option(s) {sorted(unknown)}; options: {sorted(learner_fields)}")
+        return self
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill epochs / batch_size / lr left at None with the method's official values."""
+    entry = METHOD_DEFAULTS.get(cfg.method, GENERIC)
+    return dataclasses.replace(
+        cfg,
+        epochs=cfg.epochs if cfg.epochs is not None else default_epochs(cfg.method, cfg.shots, cfg.dataset),
+        batch_size=cfg.batch_size if cfg.batch_size is not None else entry["batch_size"],
+        lr=cfg.lr if cfg.lr is not None else entry["lr"],
+    )
+
+
+def _learner_fields(method: str) -> Dict[str, dataclasses.Field]:
+    from fastprompt.learners import get_learner_class
+
+    config_class = get_learner_class(method).config_class
+    return {f.name: f for f in dataclasses.fields(config_class)}
+
+
+# Dassl keys -> TrainConfig fields.
+_DASSL_KEYS = {
+    "OPTIM.LR": "lr", "OPTIM.MAX_EPOCH": "epochs", "OPTIM.MOMENTUM": "momentum",
+    "OPTIM.WEIGHT_DECAY": "weight_decay", "OPTIM.WARMUP_EPOCH": "warmup_epoch", "OPTIM.WARMUP_CONS_LR": "warmup_lr",
+    "OPTIM.WARMUP_TYPE": "warmup_type", "OPTIM.MAX_GRAD_NORM": "grad_clip",
+    "DATALOADER.TRAIN_X.BATCH_SIZE": "batch_size", "DATALOADER.TEST.BATCH_SIZE": "test_batch_size",
+    "DATALOADER.NUM_WORKERS": "num_workers", "DATASET.NAME": "dataset", "DATASET.ROOT": "root",
+    "DATASET.NUM_SHOTS": "shots", "DATASET.SUBSAMPLE_CLASSES": "subsample", "SEED": "seed",
+    "OUTPUT_DIR": "output_dir", "MODEL.BACKBONE.NAME": "model", "TRAINER.NAME": "method",
+}
+# Dassl keys whose only accepted value is what fastprompt implements (so configs that set them still load).
+_FIXED_KEYS = {"OPTIM.NAME": ("sgd",), "OPTIM.LR_SCHEDULER": ("cosine",), "OPTIM.WARMUP_RECOUNT": (True,),
+               "TEST.FINAL_MODEL": ("last_step",)}
+_PREC = {"fp16": "fp16", "fp32": "fp32", "amp": "amp", "bf16": "bf16", "fp64": "fp64"}
+
+
+def valid_keys(method: str) -> List[str]:
+    """Every key --opts accepts for ``method``."""
+    trainer = f"TRAINER.{method.upper()}."
+    keys = list(_DASSL_KEYS) + list(_FIXED_KEYS) + [trainer + "PREC"]
+    keys += [trainer + name.upper() for name in _learner_fields(method)]
+    keys += [f.name for f in dataclasses.fields(TrainConfig) if f.name != "learner"]
+    return sorted(keys)
+
+
+def _parse_value(text: Any) -> Any:
+    """yacs semantics: a literal when it parses as one (numbers, booleans, lists), else the string."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        lowered = text.lower()
+        if lowered in ("none", "null"):
+            return None
+        if lowered in ("true", "false"):
+            return lowered == "true"
+        return text
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    """Cast ``value`` to the type of the field's ``default`` (int/float/bool/str) with a clear error."""
+    if value is None or default is None:
+        return value
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"{key} expects true/false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{key} expects a number, got {value!r}")
+        if kind is int and float(value) != int(value):
+            raise TypeError(f"{key} expects an integer, got {value!r}")
+        return kind(value)
+    if kind is str:
+        return value if isinstance(value, str) else str(value)
+    return value
+
+
+_FIELD_DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
+                   for f in dataclasses.fields(TrainConfig)}
+_NUMERIC_OPTIONAL = {"epochs": 1, "batch_size": 1, "lr": 1.0, "grad_clip": 1.0, "pretrained": ""}
+
+
+def _set(cfg: TrainConfig, key: str, raw: Any) -> TrainConfig:
+    value = _parse_value(raw)
+    upper = key.upper()
+    if upper in _FIXED_KEYS:
+        allowed = _FIXED_KEYS[upper]
+        if (value.lower() if isinstance(value, str) else value) not in allowed:
+            raise ValueError(f"{key}={value!r} is not supported; fastprompt implements {allowed}")
+        return cfg
+    field_name = _DASSL_KEYS.get(upper)
+    if field_name is None and key in _FIELD_DEFAULTS and key != "learner":
+        field_name = key
+    if field_name is not None:
+        default = _FIELD_DEFAULTS[field_name]
+        default = _NUMERIC_OPTIONAL.get(field_name, default) if default is None else default
+        if field_name == "model" and isinstance(value, str):
+            value = value.replace("/", "-") if not os.path.exists(value) else value
+        if field_name in ("method", "subsample") and isinstance(value, str):
+            value = value.lower()
+        return dataclasses.replace(cfg, **{field_name: _coerce(value, default, key)})
+    trainer = f"TRAINER.{cfg.method.upper()}."
+    if upper.startswith(trainer):
+        option = upper[len(trainer):].lower()
+        if option == "prec":
+            if str(value).lower() not in _PREC:
+                raise ValueError(f"{key} must be one of {sorted(_PREC)}, got {value!r}")
+            return dataclasses.replace(cfg, precision=_PREC[str(value).lower()])
+        fields = _learner_fields(cfg.method)
+        if option in fields:
+            f = fields[option]
+            default = f.default if f.default is not dataclasses.MISSING else None
+            learner = dict(cfg.learner)
+            learner[option] = _coerce(value, default, key)
+            return dataclasses.replace(cfg, learner=learner)
+    raise ValueError(f"unknown option {key!r} for method {cfg.method!r}; valid keys: {', '.join(valid_keys(cfg.method))}")
+
+
+def apply_opts(cfg: TrainConfig, opts: Sequence[str]) -> TrainConfig:
+    """Apply a yacs-style flat list ``[KEY, VALUE, KEY, VALUE, ...]``."""
+    opts = list(opts or [])
+    if len(opts) % 2:
+        raise ValueError(f"--opts needs KEY VALUE pairs, got an odd number of items: {opts}")
+    # TRAINER.NAME first, so TRAINER.<METHOD>.* keys of the same list resolve against the right method.
+    pairs = [(opts[i], opts[i + 1]) for i in range(0, len(opts), 2)]
+    pairs.sort(key=lambda kv: kv[0].upper() not in ("TRAINER.NAME", "METHOD"))
+    for key, value in pairs:
+        cfg = _set(cfg, key, value)
+    return cfg
+
+
+def _flatten(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "learner":
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def apply_mapping(cfg: TrainConfig, data: Dict[str, Any]) -> TrainConfig:
+    """Apply a (nested, yacs-shaped or flat) mapping: ``{"OPTIM": {"LR": 0.002}, "shots": 4, "learner": {...}}``."""
+    flat = _flatten(data)
+    learner = flat.pop("learner", None)
+    method = flat.pop("TRAINER.NAME", flat.pop("method", None))
+    if method is not None:
+        cfg = _set(cfg, "method", method)
+    for key, value in flat.items():
+        cfg = _set(cfg, key, value)
+    if learner is not None:
+        if not isinstance(learner, dict):
+            raise TypeError(f"'learner' must be a mapping of {cfg.method} options, got {learner!r}")
+        for key, value in learner.items():
+            cfg = _set(cfg, f"TRAINER.{cfg.method.upper()}.{key.upper()}", value)
+    return cfg
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a mapping."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as exc:  # pragma: no cover - pyyaml is nearly always present
+            raise ImportError("reading YAML configs needs PyYAML (pip install pyyaml); or use a JSON file") from exc
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    elif path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    else:
+        raise ValueError(f"config file {path!r} must end in .yaml, .yml or .json")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data

@@ -1,0 +1,211 @@
+"""End-to-end runs (what the CLI calls): train one (dataset, seed), evaluate a run, base-to-new over seeds.
+
+A training run directory holds ``checkpoint.pt`` (resume state, every epoch), ``log.jsonl``, ``adapter/``
+(``save_pretrained``: learnable tensors + learner config), ``run_config.json`` and ``results.json``.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from fastprompt.training.config import TrainConfig, resolve_defaults
+from fastprompt.training.data import DatumDataset, test_transform, train_transform
+from fastprompt.training.distributed import dist_info, init_distributed
+from fastprompt.training.evaluate import evaluate, summarize_base2new, summarize_cross_dataset
+from fastprompt.training.report import write_json, write_report
+from fastprompt.training.trainer import Trainer, resolve_device, seed_everything
+
+__all__ = ["build_clip", "load_splits", "train_run", "eval_run", "base2new_run", "RUN_CONFIG", "RESULTS", "ADAPTER_DIR"]
+
+RUN_CONFIG, RESULTS, ADAPTER_DIR = "run_config.json", "results.json", "adapter"
+
+
+def build_clip(model: str, pretrained: Optional[str], device: torch.device, precision: str = "fp32"):
+    """(model, preprocess, tokenizer). ``model`` is an open_clip name or a path to an open_clip model-config
+    JSON (registered with ``open_clip.add_model_config`` under its file stem, e.g. a tiny test config)."""
+    import open_clip
+
+    from fastprompt.backbone import load_clip
+
+    name = model
+    if model.endswith(".json"):
+        if not os.path.isfile(model):
+            raise FileNotFoundError(f"model config {model!r} does not exist")
+        open_clip.add_model_config(model)
+        name = os.path.splitext(os.path.basename(model))[0]
+    if pretrained is not None and str(pretrained).lower() == "none":
+        pretrained = None
+    clip, preprocess, tokenizer = load_clip(name, pretrained=pretrained)
+    if precision == "fp64":
+        clip = clip.double()
+    clip = clip.to(device)
+    clip._fastprompt_source = (name, pretrained)
+    return clip, preprocess, tokenizer
+
+
+def _datasets_module():
+    try:
+        import fastprompt.datasets as ds
+    except ImportError as exc:  # pragma: no cover - the package ships it
+        raise RuntimeError(f"fastprompt.datasets is unavailable: {exc}") from exc
+    if not hasattr(ds, "build_dataset"):
+        raise RuntimeError("fastprompt.datasets has no build_dataset (the dataset layer is not installed)")
+    return ds
+
+
+def load_splits(name: str, root: str, shots: int, seed: int, subsample: str = "all"):
+    """``build_dataset`` with checks that turn bad input into clear errors (missing files, too many shots)."""
+    ds = _datasets_module()
+    if not name:
+        raise ValueError("no dataset given (--dataset)")
+    if not root or not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset root {root!r} is not a directory (--root)")
+    if hasattr(ds, "check_dataset"):
+        problems = ds.check_dataset(name, root)
+        if problems:
+            raise FileNotFoundError(f"dataset {name!r} under {root}: " + "; ".join(str(p) for p in problems))
+    splits = ds.build_dataset(name, root, shots=shots, seed=seed, subsample=subsample)
+    if shots > 0 and splits.train_x:
+        largest = max(collections.Counter(d.label for d in splits.train_x).values())
+        if largest < shots:
+            raise ValueError(f"--shots {shots} is more than any class of {name!r} has (the largest has {largest} "
+                             "training images); lower --shots")
+    return splits
+
+
+def _write_run_config(directory: str, cfg: TrainConfig) -> None:
+    write_json(os.path.join(directory, RUN_CONFIG), cfg.to_dict())
+
+
+def read_run_config(directory: str) -> TrainConfig:
+    path = os.path.join(directory, RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} is not a finished fastprompt training run (no {RUN_CONFIG})")
+    try:
+        with open(path) as f:
+            return TrainConfig.from_dict(json.load(f))
+    except (json.JSONDecodeError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is damaged: {exc}") from exc
+
+
+def evaluate_split(learner, splits, cfg: TrainConfig, preprocess, split: str = "test") -> Dict[str, Any]:
+    """Set the learner's classes to ``splits``' and evaluate on one split."""
+    items = getattr(splits, split)
+    if not items:
+        raise ValueError(f"dataset {splits.name!r} has an empty {split} split")
+    learner.set_classnames(splits.classnames)
+    data = DatumDataset(items, test_transform(learner.clip, preprocess))
+    device = next(learner.parameters()).device
+    result = evaluate(learner, data, cfg.test_batch_size, device, cfg.precision, cfg.num_workers,
+                      progress=cfg.progress, desc=f"eval {splits.name}/{split}")
+    return dict(result, dataset=splits.name, split=split, subsample=cfg.subsample)
+
+
+def train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optional[int] = None) -> Tuple[Dict[str, Any], Any, Any]:
+    """Train ``cfg.method`` on ``cfg.dataset`` (few-shot, ``cfg.subsample`` classes) and test on its test split.
+
+    Returns (results dict, the trained learner, the preprocess transform). Raises before writing anything when
+    the output directory holds a checkpoint and ``resume`` is False.
+    """
+    cfg = resolve_defaults(cfg.validate())
+    from fastprompt.training.checkpoint import CHECKPOINT_FILE
+
+    ckpt = os.path.join(cfg.output_dir, CHECKPOINT_FILE)
+    if os.path.exists(ckpt) and not resume:
+        raise FileExistsError(f"{ckpt} already exists; pass --resume to continue that run, or choose another --output-dir")
+    device = resolve_device(cfg.device)
+    info = init_distributed(str(device))
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        cfg = dataclasses.replace(cfg, device=str(device))
+    seed_everything(cfg.seed)  # Dassl seeds before building the dataset (few-shot sampling uses it)
+    splits = load_splits(cfg.dataset, cfg.root, cfg.shots, cfg.seed, cfg.subsample)
+    clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained, device, cfg.precision)
+    from fastprompt.learners import create_learner
+
+    seed_everything(cfg.seed)  # the learner's random init depends on the seed only
+    learner = create_learner(cfg.method, clip, splits.classnames, config=dict(cfg.learner), tokenizer=tokenizer)
+    train_set = DatumDataset(splits.train_x, train_transform(clip, preprocess))
+    trainer = Trainer(learner, train_set, cfg, output_dir=cfg.output_dir, splits=splits)
+    history = trainer.fit(resume=resume, stop_after_epoch=stop_after_epoch)
+    done = [h for h in history if h.get("event") == "epoch"]
+    finished = bool(done) and done[-1]["epoch"] >= cfg.epochs
+    results: Dict[str, Any] = {"method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "shots": cfg.shots,
+                               "subsample": cfg.subsample, "epochs_done": done[-1]["epoch"] if done else 0,
+                               "finished": finished}
+    if finished and info.is_main:
+        learner.save_pretrained(os.path.join(cfg.output_dir, ADAPTER_DIR))
+        results["test"] = evaluate_split(learner, splits, cfg, preprocess, "test")
+        results["accuracy"] = results["test"]["accuracy"]
+        _write_run_config(cfg.output_dir, cfg)
+        write_json(os.path.join(cfg.output_dir, RESULTS), results)
+    if info.enabled:
+        torch.distributed.barrier()
+    return results, learner, preprocess
+
+
+def eval_run(run_dir: str, datasets: Sequence[str], root: str, subsample: str = "all", output_dir: Optional[str] = None,
+             device: str = "auto", precision: Optional[str] = None, batch_size: Optional[int] = None,
+             num_workers: Optional[int] = None, progress: bool = True) -> Dict[str, Any]:
+    """Evaluate a finished run on one or more datasets (``subsample`` classes of each): base-to-new "new",
+    cross-dataset transfer and domain generalisation. Writes ``eval_<subsample>.{json,csv,md}``."""
+    cfg = read_run_config(run_dir)
+    overrides = {"subsample": subsample, "device": device, "progress": progress}
+    if precision is not None:
+        overrides["precision"] = precision
+    if batch_size is not None:
+        overrides["test_batch_size"] = batch_size
+    if num_workers is not None:
+        overrides["num_workers"] = num_workers
+    cfg = dataclasses.replace(cfg, **overrides).validate()
+    adapter = os.path.join(run_dir, ADAPTER_DIR)
+    dev = resolve_device(cfg.device)
+    clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained, dev, cfg.precision)
+    from fastprompt.learners import from_pretrained
+
+    learner = from_pretrained(adapter, clip_model=clip, tokenizer=tokenizer)
+    results = []
+    for name in datasets:
+        splits = load_splits(name, root or cfg.root, cfg.shots, cfg.seed, subsample)
+        results.append(evaluate_split(learner, splits, cfg, preprocess, "test"))
+    rows = summarize_cross_dataset(results, source=cfg.dataset if len(datasets) > 1 else None)
+    out = output_dir or run_dir
+    paths = write_report(out, f"eval_{subsample}", rows, ["dataset", "accuracy"],
+                         {"run": run_dir, "method": cfg.method, "subsample": subsample, "results": results},
+                         title=f"{cfg.method} ({subsample} classes)")
+    return {"rows": rows, "results": results, "paths": paths}
+
+
+def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int], resume: bool = False) -> Dict[str, Any]:
+    """The base-to-new protocol: per dataset and seed, train on the base classes (16 shots by default), test
+    on base, then rebuild the prompts for the new classes and test on new. Summary (per dataset and the
+    average, H = HM of averaged B and N) in ``base2new.{json,csv,md,png}`` under ``cfg.output_dir``."""
+    if not datasets:
+        raise ValueError("base2new needs at least one --dataset")
+    if not seeds:
+        raise ValueError("base2new needs at least one seed")
+    root_out = cfg.output_dir
+    runs: List[Dict[str, Any]] = []
+    for name in datasets:
+        for seed in seeds:
+            run_cfg = dataclasses.replace(cfg, dataset=name, seed=int(seed), subsample="base",
+                                          output_dir=os.path.join(root_out, name, f"seed{seed}"))
+            result, learner, preprocess = train_run(run_cfg, resume=resume)
+            if not dist_info().is_main:
+                continue
+            new_cfg = dataclasses.replace(resolve_defaults(run_cfg), subsample="new")
+            new_splits = load_splits(name, run_cfg.root, run_cfg.shots, run_cfg.seed, "new")
+            new = evaluate_split(learner, new_splits, new_cfg, preprocess, "test")
+            write_json(os.path.join(run_cfg.output_dir, "results_new.json"), new)
+            runs.append({"dataset": name, "seed": int(seed), "base": result["accuracy"], "new": new["accuracy"]})
+    if not dist_info().is_main:
+        return {}
+    rows = summarize_base2new(runs)
+    paths = write_report(root_out, "base2new", rows, ["dataset", "base", "new", "hm", "seeds"],
+                         {"method": cfg.method, "runs": runs}, plot=True, title=f"{cfg.method} base-to-new")
+    return {"rows": rows, "runs": runs, "paths": paths}
