@@ -18,3 +18,13 @@ def test_bench_small(tmp_path, capsys):
 def test_env(capsys):
     assert main(["env"]) == 0
     assert "op assemble on cpu" in capsys.readouterr().out
+
+
+def test_training_commands_are_listed(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("train", "eval", "base2new", "datasets"):
+        assert command in text

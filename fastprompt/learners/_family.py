@@ -137,3 +137,10 @@ def with_dataset(base_name: str, base_config: Dict[str, Any], dataset: str) -> D
         if inner_name:
             cfg["base_config"] = with_dataset(inner_name, cfg.get("base_config") or {}, dataset)
     return cfg
+
+
+def resolved_config(learner) -> Dict[str, Any]:
+    """A learner's options as a plain dict, without ``backend`` (a plug-in sets one backend for all)."""
+    from dataclasses import asdict
+
+    return {k: v for k, v in asdict(learner.config).items() if k != "backend"}

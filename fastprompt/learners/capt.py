@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from fastprompt.classplan import clean_classnames
 from fastprompt.learners._common import PromptLearner, config_from
-from fastprompt.learners._family import build_base, forwarding_backend, with_dataset
+from fastprompt.learners._family import build_base, forwarding_backend, resolved_config, with_dataset
 from fastprompt.learners.registry import register_learner
 from fastprompt.losses import MarginITMLoss, class_similarity
 from fastprompt.ops.condition import condition
@@ -133,11 +133,13 @@ class CaPT(PromptLearner):
         names = clean_classnames(classnames)
         super().__init__(clip_model, names, config, tokenizer)
         base_cfg = with_dataset(config.base, _merge(BASE_DEFAULTS[config.base], config.base_config), config.dataset)
-        base_cfg.setdefault("backend", config.backend)
+        base_cfg["backend"] = config.backend  # one backend for the whole learner
         self.base = build_base("CaPT", config.base, clip_model, names, base_cfg, self.tokenizer, SUPPORTED_BASES)
         if self.base.image_conditional:
             raise ValueError(f"CaPT needs a base whose prompts do not depend on the image, got {config.base!r}")
         self.backend = self.base.backend
+        # Record the base's resolved options (e.g. DePT's head classes), so a reload rebuilds the same base.
+        self.config = replace(self.config, base_config=resolved_config(self.base))
         device = self.tower.token_embedding.weight.device
         in_dim = int(self.clip.visual.output_dim)
         self.mlp = ConditionMLP(in_dim, config.hidden_dim, self.tower.width, config.dropout, self.dtype, device)

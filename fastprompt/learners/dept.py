@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from fastprompt.classplan import clean_classnames
 from fastprompt.learners._common import PromptLearner, config_from
-from fastprompt.learners._family import build_base, forwarding_backend
+from fastprompt.learners._family import build_base, forwarding_backend, resolved_config
 from fastprompt.learners.registry import register_learner
 
 # DePT's per-baseline settings (configs/trainers/*, §5.5 of the spec): KgCoOp runs with W = 2.0 there.
@@ -88,9 +88,11 @@ class DePT(PromptLearner):
         config = replace(config, head_classnames=list(head_names))  # saved, so a reload rebuilds the same head
         super().__init__(clip_model, names, config, tokenizer)
         base_cfg = {**BASE_DEFAULTS.get(config.base, {}), **config.base_config}
-        base_cfg.setdefault("backend", config.backend)
+        base_cfg["backend"] = config.backend  # one backend for the whole learner
         self.base = build_base("DePT", config.base, clip_model, names, base_cfg, self.tokenizer, SUPPORTED_BASES)
         self.backend = self.base.backend
+        # Record the base's resolved options (e.g. DePT's head classes), so a reload rebuilds the same base.
+        self.config = replace(self.config, base_config=resolved_config(self.base))
         dim = int(self.clip.visual.output_dim)
         device = self.tower.token_embedding.weight.device
         film_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype

@@ -70,7 +70,7 @@ def test_ivlp_matches_official_transcription():
 
 def test_ivlp_parameter_count_vitb16(vitb16_f64):
     model, tokenizer = vitb16_f64
-    learner = fastprompt.create_learner("ivlp", model, ["dog"], tokenizer=tokenizer)
+    learner = fastprompt.create_learner("ivlp", model, ["dog", "cat"], tokenizer=tokenizer)
     # official 2+2 ctx, depth 12 / 12: 12 x 2 x 512 + 12 x 2 x 768
     assert learner.num_trainable_parameters() == 30_720
     assert learner.prompts.prompt_prefix == "a photo of a" and learner.text.plan.prefix_len == 5

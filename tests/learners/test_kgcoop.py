@@ -35,6 +35,7 @@ def step_outputs(learner, images, labels):
     with torch.no_grad():
         eval_logits = learner(images)
     learner.train()
+    torch.manual_seed(0)  # the same dropout masks (CaPT's MLP) under both backends
     loss, logits = learner.compute_loss(images, labels)
     grads = torch.autograd.grad(loss, trainable(learner))
     return eval_logits, loss.detach(), logits.detach(), grads

@@ -1,0 +1,83 @@
+"""Full training steps of the deep multimodal prompt learners (MaPLe, IVLP, PromptSRC): forward + backward
+through both prompted encoders, official reference vs fast path, timed in the same run.
+
+ViT-B/16 architecture with random weights (no download), float32, batch 2, 50 Caltech101 classes on the CPU
+(the reference encodes every class at 77 tokens; rounds are few on purpose). PromptSRC's frozen template
+features (60 templates x C frozen text passes, computed once per class list, not per step) are replaced by
+random ones so the timing is of the step only.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import fastprompt
+from benchmarks.conftest import record
+from fastprompt.bench import _rel, _sync
+
+CASES = [("maple", {}), ("ivlp", {}), ("promptsrc", {})]
+
+
+@pytest.fixture(scope="module")
+def vitb16(device):
+    torch.manual_seed(0)
+    model, _, tokenizer = fastprompt.load_clip("ViT-B-16", pretrained=None, device=device)
+    return model.float(), tokenizer
+
+
+def _step(learner, images, labels):
+    params = [p for p in learner.parameters() if p.requires_grad]
+
+    def run():
+        loss, logits = learner.compute_loss(images, labels)
+        grads = torch.autograd.grad(loss, params)
+        return torch.cat([loss.detach().view(1), logits.detach().flatten()]), grads
+
+    return run
+
+
+def _median_ms(fn, device, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.parametrize("method,kwargs", CASES, ids=[c[0] for c in CASES])
+def test_deep_prompting_step(benchmark, vitb16, device, method, kwargs):
+    model, tokenizer = vitb16
+    cpu = device.type == "cpu"
+    n_cls, batch = (50, 2) if cpu else (1000, 4)
+    names = fastprompt.load_classnames("caltech101" if n_cls <= 100 else "imagenet")[:n_cls]
+    learner = fastprompt.create_learner(method, model, names, tokenizer=tokenizer, **kwargs).to(device)
+    if method == "promptsrc":
+        learner.set_fixed_text_features(torch.randn(n_cls, model.visual.output_dim, device=device))
+    learner.train()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, 224, 224, generator=g).to(device)
+    labels = torch.randint(0, n_cls, (batch,), generator=g).to(device)
+    step = _step(learner, images, labels)
+
+    learner.backend = "reference"
+    ref_out, ref_grads = step()
+    ref_ms = _median_ms(step, device, rounds=1 if cpu else 5)
+
+    learner.backend = "auto"
+    fast_out, fast_grads = step()
+    err = max([_rel(fast_out, ref_out)] + [_rel(f, r) for f, r in zip(fast_grads, ref_grads)])
+    assert err < 1e-4, f"fast path disagrees with the reference: {err:.2e}"
+    benchmark.pedantic(lambda: (step(), _sync(device)), rounds=2 if cpu else 20, warmup_rounds=0 if cpu else 2)
+    fast_ms = benchmark.stats.stats.median * 1e3
+
+    info = {
+        "method": method, "classes": n_cls, "batch": batch, "device": str(device), "dtype": "float32",
+        "reference_ms": ref_ms, "fast_ms": fast_ms, "speedup": ref_ms / fast_ms, "max_rel_err": err,
+        "backend": learner.backend, "trainable": learner.num_trainable_parameters(),
+    }
+    benchmark.extra_info.update(info)
+    record(info)

@@ -1,0 +1,112 @@
+"""``fastprompt train -> eval -> base2new`` end to end on synthetic datasets with a tiny open_clip config, and
+the clear errors of bad input (nothing lost)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastprompt.cli import main
+
+TINY = {"embed_dim": 32, "vision_cfg": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 16, "image_size": 32},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from fastprompt.datasets import make_synthetic_dataset
+
+    base = tmp_path_factory.mktemp("cli")
+    model = base / "fp-cli-tiny.json"
+    model.write_text(json.dumps(TINY))
+    root = base / "data"
+    make_synthetic_dataset(str(root), "caltech101", num_classes=4, images_per_class=8)
+    make_synthetic_dataset(str(root), "eurosat", num_classes=4, images_per_class=8, seed=1)
+    return base, str(model), str(root)
+
+
+def _common(model, root):
+    return ["--model", model, "--pretrained", "none", "--root", root, "--shots", "2", "--device", "cpu",
+            "--num-workers", "0", "--no-progress"]
+
+
+def test_train_eval_base2new(env, tmp_path):
+    base, model, root = env
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("OPTIM:\n  MAX_EPOCH: 2\n  LR: 0.01\nDATALOADER:\n  TRAIN_X:\n    BATCH_SIZE: 2\n")
+    run = tmp_path / "run"
+    argv = ["train", "--method", "coop", "--dataset", "caltech101", "--subsample", "base", "--config", str(cfg_file),
+            "--output-dir", str(run)] + _common(model, root) + ["--opts", "TRAINER.COOP.N_CTX", "2"]
+    assert main(argv) == 0
+    cfg = json.loads((run / "run_config.json").read_text())
+    assert (cfg["epochs"], cfg["lr"], cfg["batch_size"], cfg["learner"]) == (2, 0.01, 2, {"n_ctx": 2})
+    results = json.loads((run / "results.json").read_text())
+    assert results["finished"] and results["test"]["num_classes"] == 2 and 0 <= results["accuracy"] <= 100
+    assert (run / "adapter" / "prompt_learner.safetensors").is_file()
+    assert len((run / "log.jsonl").read_text().splitlines()) == 3  # start + 2 epochs
+
+    assert main(["eval", "--run", str(run), "--dataset", "caltech101", "eurosat", "--subsample", "new",
+                 "--device", "cpu", "--num-workers", "0", "--no-progress"]) == 0
+    ev = json.loads((run / "eval_new.json").read_text())
+    assert [r["dataset"] for r in ev["rows"]] == ["caltech101", "eurosat", "Average"]
+    assert ev["rows"][-1]["accuracy"] == pytest.approx(ev["rows"][1]["accuracy"])  # Avg excludes the source
+    assert "| caltech101 |" in (run / "eval_new.md").read_text()
+
+    out = tmp_path / "b2n"
+    argv = ["base2new", "--method", "cocoop", "--dataset", "caltech101", "eurosat", "--seeds", "1", "2",
+            "--epochs", "1", "--batch-size", "2", "--output-dir", str(out)] + _common(model, root)
+    assert main(argv) == 0
+    summary = json.loads((out / "base2new.json").read_text())
+    assert len(summary["runs"]) == 4
+    rows = {r["dataset"]: r for r in summary["rows"]}
+    b = (rows["caltech101"]["base"] + rows["eurosat"]["base"]) / 2
+    n = (rows["caltech101"]["new"] + rows["eurosat"]["new"]) / 2
+    assert rows["Average"]["hm"] == pytest.approx(0 if b + n == 0 else 2 * b * n / (b + n))
+    assert (out / "base2new.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| Average |" in (out / "base2new.md").read_text()
+    assert (out / "base2new.csv").read_text().startswith("dataset,base,new,hm,seeds")
+    assert (out / "eurosat" / "seed2" / "results_new.json").is_file()
+
+
+def test_resume_via_cli(env, tmp_path):
+    base, model, root = env
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "caltech101", "--epochs", "1", "--batch-size", "4", "--output-dir", str(run)] + _common(model, root)
+    assert main(argv) == 0
+    assert main(argv) == 2  # the finished run is not overwritten
+    assert main(argv + ["--resume"]) == 0  # resuming a finished run re-evaluates it
+
+
+def test_bad_inputs_are_clear_errors(env, tmp_path, capsys):
+    base, model, root = env
+    out = tmp_path / "out"
+    common = _common(model, root)
+
+    def run(argv):
+        code = main(argv)
+        return code, capsys.readouterr().err
+
+    code, err = run(["train", "--dataset", "oxford_pets", "--output-dir", str(out)] + common)
+    assert code == 2 and "split_zhou_OxfordPets.json" in err
+    code, err = run(["train", "--method", "nosuch", "--dataset", "caltech101", "--output-dir", str(out)] + common)
+    assert code == 2 and "unknown method 'nosuch'" in err and "coop" in err
+    code, err = run(["train", "--dataset", "caltech101", "--output-dir", str(out)] + common + ["--opts", "TRAINER.COOP.BOGUS", "1"])
+    assert code == 2 and "TRAINER.COOP.N_CTX" in err  # lists the valid keys
+    code, err = run(["train", "--dataset", "caltech101", "--output-dir", str(out)] + common + ["--opts", "OPTIM.LR", "fast"])
+    assert code == 2 and "expects a number" in err
+    code, err = run(["train", "--dataset", "caltech101", "--output-dir", str(out)] + [a if a != "2" else "50" for a in common])
+    assert code == 2 and "--shots 50" in err
+    assert not out.exists()  # none of the failures wrote anything
+
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"garbage")
+    code, err = run(["train", "--dataset", "caltech101", "--resume", "--epochs", "1", "--output-dir", str(out)] + common)
+    assert code == 2 and "checkpoint.pt is corrupt" in err
+    assert (out / "checkpoint.pt").read_bytes() == b"garbage" and sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+    code, err = run(["eval", "--run", str(tmp_path / "nothing"), "--dataset", "caltech101"])
+    assert code == 2 and "not a finished fastprompt training run" in err
+
+    assert main(["datasets", "--root", root, "--dataset", "caltech101"]) == 0
+    assert main(["datasets", "--root", root, "--dataset", "caltech101", "oxford_pets"]) == 1
+    assert "oxford_pets: MISSING" in capsys.readouterr().out

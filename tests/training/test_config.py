@@ -1,0 +1,98 @@
+"""Method defaults, yacs-style --opts, YAML/JSON config files, and the base-to-new arithmetic."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastprompt.training import (TrainConfig, apply_mapping, apply_opts, evaluate, harmonic_mean, load_config_file,
+                                 resolve_defaults, summarize_base2new, summarize_cross_dataset)
+
+
+def test_official_defaults():
+    d = resolve_defaults(TrainConfig(method="coop", shots=16))
+    assert (d.epochs, d.batch_size, d.lr, d.momentum, d.weight_decay, d.warmup_epoch, d.warmup_lr) == (
+        200, 32, 0.002, 0.9, 5e-4, 1, 1e-5)
+    assert resolve_defaults(TrainConfig(method="coop", shots=1)).epochs == 50
+    assert resolve_defaults(TrainConfig(method="coop", shots=4)).epochs == 100
+    assert resolve_defaults(TrainConfig(method="coop", shots=16, dataset="imagenet")).epochs == 50
+    c = resolve_defaults(TrainConfig(method="cocoop"))
+    assert (c.epochs, c.batch_size, c.lr) == (10, 1, 0.002)
+    assert resolve_defaults(TrainConfig(method="coop", epochs=3)).epochs == 3  # explicit values win
+
+
+def test_opts_map_to_run_and_learner_config():
+    cfg = apply_opts(TrainConfig(method="coop"), [
+        "OPTIM.LR", "0.0035", "OPTIM.MAX_EPOCH", "10", "DATALOADER.TRAIN_X.BATCH_SIZE", "4", "TRAINER.COOP.N_CTX", "4",
+        "TRAINER.COOP.CSC", "True", "TRAINER.COOP.CTX_INIT", "a photo of a", "TRAINER.COOP.PREC", "amp",
+        "MODEL.BACKBONE.NAME", "ViT-B/16", "DATASET.NUM_SHOTS", "8", "OPTIM.NAME", "sgd"])
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.shots, cfg.precision, cfg.model) == (0.0035, 10, 4, 8, "amp", "ViT-B-16")
+    assert cfg.learner == {"n_ctx": 4, "csc": True, "ctx_init": "a photo of a"}
+    cfg.validate()
+    # TRAINER.NAME switches the method before TRAINER.<METHOD>.* keys resolve
+    assert apply_opts(TrainConfig(), ["TRAINER.COCOOP.N_CTX", "2", "TRAINER.NAME", "CoCoOp"]).learner == {"n_ctx": 2}
+
+
+@pytest.mark.parametrize("opts, match", [
+    (["TRAINER.COOP.NOPE", "1"], "valid keys: .*TRAINER.COOP.N_CTX"),
+    (["OPTIM.LR"], "KEY VALUE pairs"),
+    (["OPTIM.MAX_EPOCH", "2.5"], "expects an integer"),
+    (["TRAINER.COOP.CSC", "3"], "expects true/false"),
+    (["OPTIM.NAME", "adam"], "not supported"),
+    (["TRAINER.COOP.PREC", "int8"], "must be one of"),
+])
+def test_bad_opts(opts, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        apply_opts(TrainConfig(method="coop"), opts)
+
+
+def test_config_files(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("TRAINER:\n  NAME: cocoop\n  COCOOP:\n    N_CTX: 2\nOPTIM:\n  LR: 0.01\nshots: 4\n")
+    cfg = apply_mapping(TrainConfig(), load_config_file(str(y)))
+    assert (cfg.method, cfg.learner, cfg.lr, cfg.shots) == ("cocoop", {"n_ctx": 2}, 0.01, 4)
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"method": "coop", "learner": {"n_ctx": 3}, "epochs": 5}))
+    cfg = apply_mapping(TrainConfig(), load_config_file(str(j)))
+    assert (cfg.learner, cfg.epochs) == ({"n_ctx": 3}, 5)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        load_config_file(str(bad))
+    with pytest.raises(FileNotFoundError):
+        load_config_file(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ValueError, match="unknown method"):
+        TrainConfig(method="nosuch").validate()
+
+
+def test_base2new_average_is_hm_of_averages():
+    # spec §7.6: CoCoOp's average B 80.47 and N 71.69 give H 75.83 (not the mean of per-dataset H)
+    assert harmonic_mean(80.47, 71.69) == pytest.approx(75.83, abs=5e-3)
+    runs = [{"dataset": "a", "seed": 1, "base": 90.0, "new": 60.0}, {"dataset": "a", "seed": 2, "base": 80.0, "new": 70.0},
+            {"dataset": "b", "seed": 1, "base": 50.0, "new": 10.0}]
+    rows = {r["dataset"]: r for r in summarize_base2new(runs)}
+    assert (rows["a"]["base"], rows["a"]["new"]) == (85.0, 65.0)
+    assert rows["a"]["hm"] == pytest.approx(2 * 85 * 65 / 150)
+    assert rows["Average"]["hm"] == pytest.approx(harmonic_mean(67.5, 37.5))
+    assert rows["Average"]["hm"] != pytest.approx((rows["a"]["hm"] + rows["b"]["hm"]) / 2)
+    xd = summarize_cross_dataset([{"dataset": "imagenet", "accuracy": 70.0}, {"dataset": "x", "accuracy": 50.0},
+                                  {"dataset": "y", "accuracy": 40.0}], source="imagenet")
+    assert xd[-1] == {"dataset": "Average", "accuracy": 45.0, "seeds": 0}
+
+
+def test_evaluate_counts_and_caches_text(monkeypatch):
+    from tests.training.helpers import NoisyTensorDataset, make_coop
+
+    learner = make_coop(n_ctx=2)
+    data = NoisyTensorDataset(7, 5, noise=0.0)
+    calls = []
+    original = learner._text_features
+    monkeypatch.setattr(learner, "_text_features", lambda: calls.append(1) or original())
+    res = evaluate(learner, data, batch_size=3)
+    with torch.no_grad():
+        pred = learner(data.images).argmax(-1)
+    assert res["correct"] == int((pred == data.labels).sum()) and res["total"] == 7
+    per_class = [float((pred[data.labels == c] == c).double().mean()) for c in range(5)]
+    assert res["macro_accuracy"] == pytest.approx(100 * sum(per_class) / 5)
+    assert len(calls) == 1  # one text encoding for 3 test batches (+1 above is cached too)
