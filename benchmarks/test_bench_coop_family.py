@@ -40,8 +40,9 @@ def _build(name, kwargs, vitb16, device):
 
     model, tokenizer, names = vitb16
     model = model.to(device=device, dtype=torch.float32)
-    learner = fastprompt.create_learner(name, model, names, tokenizer=tokenizer, dataset="caltech101", **kwargs) \
-        if name != "coop" else fastprompt.create_learner(name, model, names, tokenizer=tokenizer, **kwargs)
+    if name in ("kgcoop", "capt", "decapt"):  # the template-using methods: Caltech101's template
+        kwargs = {"dataset": "caltech101", **kwargs}
+    learner = fastprompt.create_learner(name, model, names, tokenizer=tokenizer, **kwargs)
     learner.train()
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(BATCH, int(model.visual.output_dim), generator=gen).to(device)

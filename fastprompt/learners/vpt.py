@@ -128,7 +128,8 @@ def prompted_image_features(encoder: PromptedVisionEncoder, prompts: nn.Module, 
 # ---------------------------------------------------------------------------------------------- CLIP learner
 def clip_class_text(learner: PromptLearner) -> torch.Tensor:
     """[C, E] normalised frozen text features of the learner's template, computed once per class list."""
-    key = (tuple(learner.classnames), learner.template)
+    w = learner.tower.token_embedding.weight
+    key = (tuple(learner.classnames), learner.template, w.device, w.dtype)
     if getattr(learner, "_class_text_key", None) != key:
         feats = learner.frozen_text_features(format_prompts(learner.template, learner.classnames))
         learner._class_text, learner._class_text_key = F.normalize(feats, dim=-1), key

@@ -60,6 +60,24 @@ def triton_ok(device: torch.device) -> Tuple[bool, str]:
     return False, "Triton kernels run on CUDA devices (or on the CPU under TRITON_INTERPRET=1)"
 
 
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype in effect for ``device``'s type, or None outside autocast.
+
+    The kernels take one dtype; under autocast each op's dispatcher casts its inputs the way autocast would
+    cast the reference's torch ops, then runs the kernel with autocast off (so results match the reference up
+    to the rounding of that dtype, and output dtypes are the reference's).
+    """
+    kind = torch.device(device).type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return None
+
+
+def cast_floating(dtype: torch.dtype, *tensors):
+    """Each floating tensor cast to ``dtype`` (None and integer tensors pass through)."""
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 class OpBackends:
     """The backends one op has, and how ``auto`` ranks them per device type."""
 

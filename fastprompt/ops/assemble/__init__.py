@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, compiled_ok, reference_ok, triton_ok
+from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, compiled_ok, reference_ok, triton_ok
 from fastprompt.ops.assemble.reference import assemble_reference
 
 __all__ = ["assemble", "assemble_reference", "BACKENDS"]
@@ -38,6 +38,17 @@ def assemble(
     g_idx [N] int64, c_idx [N] int64  ->  [N, L, D]. See ``assemble_reference`` for the formula.
     """
     name = BACKENDS.resolve(backend, ctx.device, strict)
+    if name != "reference":
+        # The kernels take one dtype; the reference's additions and concatenation promote (autocast leaves
+        # them alone), so mixed inputs (e.g. a bf16 shift from an autocast meta-net) are promoted the same way.
+        floats = [t for t in (ctx, shift, fixed, pos) if t is not None]
+        dtype = floats[0].dtype
+        for t in floats[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        ctx, shift, fixed, pos = cast_floating(dtype, ctx, shift, fixed, pos)
+        if autocast_dtype(ctx.device) is not None:
+            with torch.autocast(ctx.device.type, enabled=False):
+                return assemble(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx, backend=name)
     if name == "compiled":
         from fastprompt.ops.assemble.compiled import assemble_compiled
 

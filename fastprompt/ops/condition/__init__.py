@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, reference_ok, triton_ok
+from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, reference_ok, triton_ok
 from fastprompt.ops.condition.reference import condition_reference
 
 __all__ = ["condition", "condition_reference", "BACKENDS"]
@@ -39,6 +39,12 @@ def condition(
     ``condition_reference`` for the formula.
     """
     name = BACKENDS.resolve(backend, x.device, strict)
+    low = autocast_dtype(x.device)
+    if low is not None and name != "reference":
+        # Autocast runs the reference's Linear layers in its low-precision dtype.
+        x, w1, b1, w2, b2 = cast_floating(low, x, w1, b1, w2, b2)
+        with torch.autocast(x.device.type, enabled=False):
+            return condition(x, w1, b1, w2, b2, activation, negative_slope, scale, backend=name)
     if name == "triton":
         from fastprompt.ops.condition.triton import condition_triton
 

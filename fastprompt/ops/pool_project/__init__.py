@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, compiled_ok, reference_ok, triton_ok
+from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, compiled_ok, reference_ok, triton_ok
 from fastprompt.ops.pool_project.reference import pool_project_reference
 
 __all__ = ["pool_project", "pool_project_reference", "BACKENDS"]
@@ -37,6 +37,14 @@ def pool_project(
     ->  [N, E] in x's dtype, differentiable w.r.t. x only. See ``pool_project_reference`` for the formula.
     """
     name = BACKENDS.resolve(backend, x.device, strict)
+    low = autocast_dtype(x.device)
+    if low is not None and name != "reference":
+        # As autocast runs the reference: LayerNorm in float32, the projection GEMM in the autocast dtype. The
+        # kernel keeps float32 through the projection (a tighter result) and returns the reference's dtype.
+        x32, w32, b32, p32 = cast_floating(torch.float32, x, ln_weight, ln_bias, proj)
+        with torch.autocast(x.device.type, enabled=False):
+            out = pool_project(x32, rows, w32, b32, eps, p32, normalize, backend=name)
+        return out.to(low) if proj is not None else out
     if name == "compiled":
         from fastprompt.ops.pool_project.compiled import pool_project_compiled
 

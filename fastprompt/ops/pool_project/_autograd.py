@@ -23,7 +23,9 @@ def make_backward(backward_op: Callable) -> Callable:
         if ctx.needs_input_grad[0]:
             if out is None:
                 out = grad_out.new_empty((0,))  # unused without normalisation
-            grad_x = backward_op(grad_out, out, x, rows, ln_weight, mean, rstd, norm, proj, ctx.normalize)
+            # The backward runs with the caller's autocast state; the kernel's internal GEMMs must not be recast.
+            with torch.autocast(grad_out.device.type, enabled=False):
+                grad_x = backward_op(grad_out, out, x, rows, ln_weight, mean, rstd, norm, proj, ctx.normalize)
         # x, rows, ln_weight, ln_bias, eps, proj, normalize
         return grad_x, None, None, None, None, None, None
 

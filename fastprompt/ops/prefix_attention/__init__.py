@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, reference_ok, triton_ok
+from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, reference_ok, triton_ok
 from fastprompt.ops.prefix_attention.reference import prefix_attention_reference
 
 __all__ = ["prefix_attention", "prefix_attention_reference", "BACKENDS"]
@@ -43,6 +43,12 @@ def prefix_attention(
     deterministic.
     """
     name = BACKENDS.resolve(backend, q.device, strict)
+    low = autocast_dtype(q.device)
+    if low is not None and name != "reference":
+        # Autocast runs the reference's attention in its low-precision dtype.
+        q, k, v, k_prefix, v_prefix = cast_floating(low, q, k, v, k_prefix, v_prefix)
+        with torch.autocast(q.device.type, enabled=False):
+            return prefix_attention(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen, backend=name)
     if name == "triton":
         from fastprompt.ops.prefix_attention.triton import prefix_attention_triton
 
