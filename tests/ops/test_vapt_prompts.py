@@ -220,3 +220,15 @@ def test_bad_shapes():
 def test_triton_cuda_vitb16_shapes(dtype):
     case = Case("vitb16", 8, 14, 14, 768, 10, 8, masks=True)
     assert_close(case, _triton, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_triton_cuda_autocast_matches_reference_under_autocast():
+    case = Case("vitb16_amp", 4, 14, 14, 768, 10, 8, masks=True)
+    tensors, cm, hm = make_inputs(case, torch.float32, "cuda")
+    x, lw, lb, k, tw, tb, w1, w2 = tensors
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref = vapt_prompts(x, lw, lb, 1e-5, k, tw, tb, w1, w2, (14, 14), cm, hm, backend="reference")
+        out = vapt_prompts(x, lw, lb, 1e-5, k, tw, tb, w1, w2, (14, 14), cm, hm, backend="triton")
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert rel_err(out, ref) <= 2e-2

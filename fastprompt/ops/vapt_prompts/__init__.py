@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, reference_ok, triton_ok
+from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, reference_ok, triton_ok
 from fastprompt.ops.vapt_prompts.reference import dropout_masks, vapt_prompts_reference
 
 __all__ = ["vapt_prompts", "vapt_prompts_reference", "dropout_masks", "BACKENDS"]
@@ -47,6 +47,13 @@ def vapt_prompts(
     See ``vapt_prompts_reference`` for the formula.
     """
     name = BACKENDS.resolve(backend, x.device, strict)
+    low = autocast_dtype(x.device)
+    if low is not None and name != "reference":
+        # Autocast runs the reference's conv and Linear layers in its low-precision dtype (LayerNorm in float32;
+        # the kernel normalises in float32 from the low-precision input); the output is the low dtype, as there.
+        args = cast_floating(low, x, ln_weight, ln_bias, kernel, tok_weight, tok_bias, w1, w2, chan_mask, hidden_mask)
+        with torch.autocast(x.device.type, enabled=False):
+            return vapt_prompts(*args[:3], eps, *args[3:8], grid, *args[8:], scale=scale, backend=name)
     if name == "triton":
         from fastprompt.ops.vapt_prompts.triton import vapt_prompts_triton
 
