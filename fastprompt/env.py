@@ -12,7 +12,7 @@ import importlib
 from fastprompt.ops._dispatch import default_backend, triton_interpreting
 
 
-OP_NAMES = ("assemble", "condition", "prefix_attention", "pool_project")
+OP_NAMES = ("assemble", "condition", "prefix_attention", "pool_project", "vapt_prompts")
 
 
 def _ops():

@@ -94,6 +94,25 @@ class DAPT(PromptLearner):
             raise ValueError(f"prototypes must be a [{C}, {E}] tensor, got {got}")
         self.prototypes = prototypes.detach().to(device=self.txt_ctx.device, dtype=self.txt_ctx.dtype)
 
+    # The prototypes are derived from the training images, but they go into the trainer's checkpoint anyway:
+    # a resumed run then continues with the very tensors the interrupted one used (no second pass over the
+    # training set, and no dependence on the image pipeline being bit-reproducible, e.g. on GPU).
+    training_state_includes_train_data = True  # the trainer skips attach_train_data after restoring this state
+
+    def training_state_dict(self) -> dict:
+        """``{"prototypes": [C, E] tensor | None}`` for the trainer's checkpoint (exact resume)."""
+        return {"prototypes": None if self.prototypes is None else self.prototypes.detach().cpu().clone()}
+
+    def load_training_state_dict(self, state: dict) -> None:
+        """Restore :meth:`training_state_dict` (shape-checked by :meth:`set_prototypes`)."""
+        if not isinstance(state, dict) or set(state) != {"prototypes"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"DAPT training state must hold exactly 'prototypes', got {got}")
+        if state["prototypes"] is None:
+            self.prototypes = None
+        else:
+            self.set_prototypes(state["prototypes"])
+
     def prototypes_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Frozen image features [N, E] (unnormalised) and labels [N] -> prototypes [C, E] (official: the
         per-class mean of the normalised features, not renormalised). Every class needs an image."""

@@ -169,6 +169,37 @@ class PromptSRC(PromptLearner):
         if self.gpa.update(self, epoch, max_epoch):
             self._text_cache = None
 
+    def training_state_dict(self) -> dict:
+        """GPA's running state for an exact resume (the trainer checkpoints it every epoch):
+        ``{"gpa_sums": {name: [..] tensor} | None, "gpa_max_epoch": int | None}``. The sums are sum_e w_e *
+        theta_e over the finished epochs (None before the first epoch and after the last, when the aggregate
+        has already replaced the trainable tensors)."""
+        sums = self.gpa.sums
+        return {
+            "gpa_sums": None if sums is None else {k: v.detach().cpu().clone() for k, v in sums.items()},
+            "gpa_max_epoch": self.gpa.max_epoch,
+        }
+
+    def load_training_state_dict(self, state: dict) -> None:
+        """Restore :meth:`training_state_dict` (the sums go to the trainable tensors' device, in their stored
+        dtype, so the aggregate continues bit-identically)."""
+        if not isinstance(state, dict) or set(state) != {"gpa_sums", "gpa_max_epoch"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"PromptSRC training state must hold 'gpa_sums' and 'gpa_max_epoch', got {got}")
+        sums, max_epoch = state["gpa_sums"], state["gpa_max_epoch"]
+        if sums is None:
+            self.gpa.sums, self.gpa.max_epoch = None, None if max_epoch is None else int(max_epoch)
+            return
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        if set(sums) != set(own):
+            raise ValueError(f"GPA sums do not match PromptSRC's trainable tensors: missing {sorted(set(own) - set(sums))}, "
+                             f"unexpected {sorted(set(sums) - set(own))}")
+        for n, v in sums.items():
+            if tuple(v.shape) != tuple(own[n].shape):
+                raise ValueError(f"GPA sum {n}: shape {tuple(v.shape)} != {tuple(own[n].shape)}")
+        self.gpa.sums = {n: v.detach().to(own[n].device).clone() for n, v in sums.items()}
+        self.gpa.max_epoch = None if max_epoch is None else int(max_epoch)
+
     def encode_text(self) -> torch.Tensor:
         """[C, E] L2-normalised text features (cached in eval mode under no_grad)."""
         return self.cached_text_features(lambda: F.normalize(self.text_features(), dim=-1))
