@@ -4,6 +4,7 @@ One API over open_clip's ``VisionTransformer`` (``clip_model.visual``) and timm'
 
     enc = PromptedVisionEncoder(clip_model.visual, insert="append")      # or "after_cls"
     feats = enc(images, prompts={0: P0, 1: P1, ...}, fast=True)          # [B, E]
+    dapt = PromptedVisionEncoder(clip_model.visual, "after_cls", after_ln_pre=True)  # DAPT
 
 Where the prompts go (``insert``):
 
@@ -14,11 +15,17 @@ Where the prompts go (``insert``):
   tokens), again after the positional embedding (prompts get none) and before ``ln_pre`` / timm's
   ``norm_pre`` (an identity in the supervised ViTs VPT uses). Deep prompts overwrite rows 1..n.
 
+``after_ln_pre=True`` (DAPT, with ``"after_cls"``) inserts the block-0 prompts at the same position but
+*after* ``ln_pre`` / ``norm_pre``: the tower's tokens are normalised, the prompts enter block 0 as they are
+(the official DAPT ``ImageEncoder`` runs ``ln_pre`` and then concatenates [CLS, prompts, patches]). Deep
+prompts are unaffected (they never pass ``ln_pre``). Default False: the two conventions above.
+
 ``prompts`` is None, a dict ``{block i: [n, Dv] or [B, n, Dv]}`` (key 0 inserts n tokens before block 0; key
 i > 0 overwrites the n prompt rows' hidden states before block i and needs key 0), or a callable
 ``prompts(i, x) -> tensor | None`` called before every block with ``x`` = the hidden states of the tower's own
 tokens ``[B, T, Dv]`` (T = prefix tokens + patches, in the tower's order, prompt rows removed). Call 0 gets the
-embedded tokens (after the positional embedding, before ``ln_pre``) and decides n (None: no prompts, no more
+tokens where the prompts go in (after the positional embedding; before ``ln_pre``, or after it with
+``after_ln_pre``) and decides n (None: no prompts, no more
 calls); later calls return the prompts that overwrite the prompt rows, or None to keep them.
 
 Pooling sees the tower's own tokens only (prompt rows removed), so the output is exactly what the tower's own
@@ -173,15 +180,20 @@ class PromptedVisionEncoder(nn.Module):
     Args:
         visual: ``clip_model.visual`` (open_clip ``VisionTransformer``) or a timm ``VisionTransformer``.
         insert: ``"append"`` (after the patches) or ``"after_cls"`` (after the CLS / prefix tokens).
+        after_ln_pre: insert the block-0 prompts after ``ln_pre`` / ``norm_pre`` instead of before it, so
+            they are not normalised (DAPT). Default False.
     """
 
-    def __init__(self, visual: nn.Module, insert: str = "append"):
+    def __init__(self, visual: nn.Module, insert: str = "append", after_ln_pre: bool = False):
         super().__init__()
         if insert not in INSERT_MODES:
             raise ValueError(f"insert must be one of {INSERT_MODES}, got {insert!r}")
+        if not isinstance(after_ln_pre, bool):
+            raise TypeError(f"after_ln_pre must be a bool, got {after_ln_pre!r}")
         self.kind = _tower_kind(visual)
         self.visual = visual
         self.insert = insert
+        self.after_ln_pre = after_ln_pre
         self._math = [_BlockMath(b, self.kind) for b in self.blocks]
 
     # ------------------------------------------------------------------ tower facts
@@ -297,6 +309,8 @@ class PromptedVisionEncoder(nn.Module):
     def _forward_reference(self, images: torch.Tensor, prompts: PromptSpec) -> torch.Tensor:
         get, _ = self._source(prompts)
         x = self._embed(images)
+        if self.after_ln_pre:  # DAPT: the tower's tokens are normalised before the prompts join them
+            x = self._norm_pre(x)
         B, T, D = x.shape
         s = self.num_prefix_tokens if self.insert == "after_cls" else T  # first prompt row
         p = self._prompt(get(0, x), 0, B, D, x.dtype, None)
@@ -307,7 +321,8 @@ class PromptedVisionEncoder(nn.Module):
         def tower_rows(h):  # the official code drops the prompt rows by concatenating the rest
             return torch.cat([h[:, :s], h[:, s + n:]], dim=1) if n else h
 
-        x = self._norm_pre(x)
+        if not self.after_ln_pre:
+            x = self._norm_pre(x)
         for i, blk in enumerate(self.blocks):
             if i > 0 and n:
                 p = self._prompt(get(i, tower_rows(x)), i, B, D, x.dtype, n)
@@ -319,10 +334,14 @@ class PromptedVisionEncoder(nn.Module):
     def _forward_fast(self, images: torch.Tensor, prompts: PromptSpec) -> torch.Tensor:
         get, keys = self._source(prompts)
         x = self._embed(images)
+        if self.after_ln_pre:
+            x = self._norm_pre(x)
         B, T, D = x.shape
         p = self._prompt(get(0, x), 0, B, D, x.dtype, None)
         n = 0 if p is None else p.shape[1]
-        x = self._norm_pre(torch.cat([x, p], dim=1) if n else x)  # the only concatenation (dict prompts)
+        x = torch.cat([x, p], dim=1) if n else x  # the only concatenation (dict prompts)
+        if not self.after_ln_pre:
+            x = self._norm_pre(x)
         last = self.depth - 1
         for i, (blk, m) in enumerate(zip(self.blocks, self._math)):
             if i == last:

@@ -39,19 +39,22 @@ from fastprompt.losses import MarginITMLoss, class_similarity
 from fastprompt.ops.condition import condition
 from fastprompt.templates import CUSTOM_TEMPLATES, format_prompts, template_for
 
-SUPPORTED_BASES = ("coop", "kgcoop", "prograd", "dept")
+SUPPORTED_BASES = ("coop", "kgcoop", "prograd", "dapt", "dept")
 
 # Official per-baseline settings (Koorye/CaPT configs/trainers/UCP*/ and train.py defaults).
 CAPT_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "coop": {"scale": 0.5, "hidden_dim": 32, "dropout": 0.1, "smooth": 0.0031},
     "kgcoop": {"scale": 1.0, "hidden_dim": 32, "dropout": 0.0, "smooth": 0.001},
     "prograd": {"scale": 1.0, "hidden_dim": 32, "dropout": 0.1, "smooth": 0.0031},
+    # UCPDAPT: the offset goes on DAPT's 16 text tokens; its loss is plain CE (margin epsilon 0) + regularisers.
+    "dapt": {"scale": 1.0, "hidden_dim": 32, "dropout": 0.1, "smooth": 0.0},
     "dept": {"scale": 0.9, "hidden_dim": 64, "dropout": 0.1, "smooth": 0.0008},
 }
 BASE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "coop": {"n_ctx": 4, "ctx_init": "a photo of a"},
     "kgcoop": {"w": 1.5},
     "prograd": {},
+    "dapt": {},
     # DeCaPT: DePT over KgCoOp (W = 1.5), head and FiLM at lr x 18.
     "dept": {"base": "kgcoop", "cls_weight": 0.7, "head_lr_mult": 18.0, "base_config": {"w": 1.5}},
 }
@@ -148,6 +151,24 @@ class CaPT(PromptLearner):
     @property
     def template(self) -> str:
         return self.config.template or template_for(self.config.dataset or "", CUSTOM_TEMPLATES)
+
+    # ------------------------------------------------------------------ trainer hooks, passed to the base
+    # (PromptSRC's prompt aggregation, DAPT's prototypes, and their resume state live in the base learner.)
+    def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
+        self.base.on_epoch_end(epoch, max_epoch)
+        self._text_cache = None
+
+    def attach_train_data(self, dataset, **kwargs) -> None:
+        self.base.attach_train_data(dataset, **kwargs)
+
+    def training_state_dict(self):
+        getter = getattr(self.base, "training_state_dict", None)
+        return getter() if callable(getter) else None
+
+    def load_training_state_dict(self, state) -> None:
+        loader = getattr(self.base, "load_training_state_dict", None)
+        if callable(loader) and state is not None:
+            loader(state)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Switch the class list: the base's class parts, the TCI and the similarity matrix are rebuilt."""

@@ -99,19 +99,19 @@ class DAPT(PromptLearner):
     # training set, and no dependence on the image pipeline being bit-reproducible, e.g. on GPU).
     training_state_includes_train_data = True  # the trainer skips attach_train_data after restoring this state
 
-    def training_state_dict(self) -> dict:
-        """``{"prototypes": [C, E] tensor | None}`` for the trainer's checkpoint (exact resume)."""
-        return {"prototypes": None if self.prototypes is None else self.prototypes.detach().cpu().clone()}
+    def training_state_dict(self) -> Optional[dict]:
+        """``{"prototypes": [C, E] tensor}`` for the trainer's checkpoint (exact resume); None while there are
+        no prototypes (a resumed run then builds them with ``attach_train_data`` as a fresh one does)."""
+        if self.prototypes is None:
+            return None
+        return {"prototypes": self.prototypes.detach().cpu().clone()}
 
     def load_training_state_dict(self, state: dict) -> None:
         """Restore :meth:`training_state_dict` (shape-checked by :meth:`set_prototypes`)."""
-        if not isinstance(state, dict) or set(state) != {"prototypes"}:
+        if not isinstance(state, dict) or set(state) != {"prototypes"} or not isinstance(state["prototypes"], torch.Tensor):
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"DAPT training state must hold exactly 'prototypes', got {got}")
-        if state["prototypes"] is None:
-            self.prototypes = None
-        else:
-            self.set_prototypes(state["prototypes"])
+            raise ValueError(f"DAPT training state must be {{'prototypes': [C, E] tensor}}, got {got}")
+        self.set_prototypes(state["prototypes"])
 
     def prototypes_from_features(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Frozen image features [N, E] (unnormalised) and labels [N] -> prototypes [C, E] (official: the

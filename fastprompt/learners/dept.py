@@ -103,6 +103,24 @@ class DePT(PromptLearner):
         self.set_classnames(names)
 
     # ------------------------------------------------------------------ classes
+    # ------------------------------------------------------------------ trainer hooks, passed to the base
+    # (PromptSRC's prompt aggregation, DAPT's prototypes, and their resume state live in the base learner.)
+    def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
+        self.base.on_epoch_end(epoch, max_epoch)
+        self._text_cache = None
+
+    def attach_train_data(self, dataset, **kwargs) -> None:
+        self.base.attach_train_data(dataset, **kwargs)
+
+    def training_state_dict(self):
+        getter = getattr(self.base, "training_state_dict", None)
+        return getter() if callable(getter) else None
+
+    def load_training_state_dict(self, state) -> None:
+        loader = getattr(self.base, "load_training_state_dict", None)
+        if callable(loader) and state is not None:
+            loader(state)
+
     def set_classnames(self, classnames: Sequence[str], use_head: Optional[bool] = None) -> None:
         """Switch the class list. The CAT head is used (fused) when the classes are the head's own; on other
         (new) classes only the ITM head, as DePT's "new" path. ``use_head=True`` with a subset of the head's

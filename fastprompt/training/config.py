@@ -17,34 +17,91 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["TrainConfig", "METHOD_DEFAULTS", "PRECISIONS", "resolve_defaults", "apply_opts", "load_config_file",
+__all__ = ["TrainConfig", "METHOD_DEFAULTS", "method_defaults", "PRECISIONS", "resolve_defaults", "apply_opts", "load_config_file",
            "apply_mapping", "default_epochs", "valid_keys"]
 
 PRECISIONS = ("fp32", "fp64", "bf16", "fp16", "amp")
+SCHEDULES = ("cosine", "warmup_cosine")  # fastprompt.training.schedule
 SUBSAMPLES = ("all", "base", "new")
 
-# Per-method optimisation defaults of the official configs (spec methods_coop_family.md §7.9, §5.5, and
-# methods_dpc_vapt_softcpt.md). ``epochs=None`` means "depends on the shots" (CoOp few-shot, see
-# default_epochs). Methods missing here (vpt, vapt, dapt, ivlp, prograd, ...) fall back to GENERIC and should
-# be given --opts OPTIM.MAX_EPOCH/OPTIM.LR/DATALOADER.TRAIN_X.BATCH_SIZE explicitly.
+# Per-method optimisation defaults of the official configs (spec methods_coop_family.md §7.9, §5.5, §6.5 and
+# methods_dpc_vapt_softcpt.md §2-4; the method files' docstrings). ``epochs=None`` means "depends on the shots"
+# (CoOp's and DAPT's few-shot scripts, see default_epochs). Keys besides epochs / batch_size / lr override
+# DASSL_OPTIM (the Dassl solver every CoOp-family config uses).
+DASSL_OPTIM: Dict[str, Any] = {"weight_decay": 5e-4, "warmup_epoch": 1, "lr_scheduler": "cosine", "lr_batch_scaling": False}
+# VPT / VAPT solver (KMnP/vpt configs/base-prompt.yaml + src/solver, VAPT's copy of it): SGD momentum 0.9,
+# weight decay 1e-4, 10 linear warm-up epochs then cosine (schedule "warmup_cosine"), 100 epochs, and the lr
+# given as VPT's *grid* lr, trained at lr * batch / 256 (tune_vtab.py). lr and weight decay are grid-searched
+# per task officially ({50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05} x {0.01, 1e-3, 1e-4, 0}); no single
+# value is official: 5.0 is the first of the grid, the lr VAPT's ``tune_vtab.py --fast`` trains with while it
+# tunes the weight decay. Pass --lr / OPTIM.LR (SOLVER.BASE_LR) for a task's tuned value.
+VPT_OPTIM: Dict[str, Any] = {"epochs": 100, "lr": 5.0, "weight_decay": 1e-4, "warmup_epoch": 10,
+                             "lr_scheduler": "warmup_cosine", "lr_batch_scaling": True}
+VPT_REFERENCE_BATCH = 256  # effective lr = lr * (global batch) / 256
+
+# DAPT's own few-shot scripts (mlvlab/DAPT configs/trainers/DAPT/vit_b16*.yaml, configs/datasets/*.yaml,
+# scripts/main.sh): batch 32, 50 / 100 / 200 epochs by shots as CoOp (ImageNet 50), and a per-dataset lr and
+# VIS_BETA / TXT_BETA. A dataset outside that table gets lr 0.002 (CoOp's; DAPT has no generic value).
+DAPT_LR: Dict[str, float] = {
+    "caltech101": 0.2, "dtd": 20.0, "eurosat": 20.0, "fgvc_aircraft": 2.0, "food101": 20.0, "imagenet": 2.0,
+    "oxford_flowers": 0.002, "oxford_pets": 0.02, "stanford_cars": 0.002, "sun397": 20.0, "ucf101": 20.0,
+}
+DAPT_BETAS: Dict[str, Dict[str, float]] = {
+    "caltech101": {"vis_beta": 10.0, "txt_beta": 0.01}, "dtd": {"vis_beta": 100.0, "txt_beta": 0.01},
+    "eurosat": {"vis_beta": 100.0, "txt_beta": 10.0}, "fgvc_aircraft": {"vis_beta": 100.0, "txt_beta": 0.01},
+    "food101": {"vis_beta": 10.0, "txt_beta": 0.01}, "imagenet": {"vis_beta": 0.01, "txt_beta": 0.01},
+    "oxford_flowers": {"vis_beta": 10.0, "txt_beta": 0.01}, "oxford_pets": {"vis_beta": 10.0, "txt_beta": 0.1},
+    "stanford_cars": {"vis_beta": 100.0, "txt_beta": 0.1}, "sun397": {"vis_beta": 100.0, "txt_beta": 0.01},
+    "ucf101": {"vis_beta": 0.1, "txt_beta": 0.1},
+}
+
 METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "coop": {"epochs": None, "batch_size": 32, "lr": 0.002},  # CoOp few-shot: 50/100/200 epochs by shots
     "cocoop": {"epochs": 10, "batch_size": 1, "lr": 0.002},
     "kgcoop": {"epochs": 100, "batch_size": 128, "lr": 0.002},
     "dept": {"epochs": 10, "batch_size": 4, "lr": 0.0035},
     "capt": {"epochs": 10, "batch_size": 4, "lr": 0.0035},
+    "decapt": {"epochs": 10, "batch_size": 4, "lr": 0.0035},  # CaPT configs (§6.5); head/FiLM x18 in the learner
+    "prograd": {"epochs": 10, "batch_size": 4, "lr": 0.0035},  # CaPT's ProGrad baseline (ProGrad/vit_b16_ep10_ctx_batch4)
     "maple": {"epochs": 5, "batch_size": 4, "lr": 0.0035},
+    "ivlp": {"epochs": 5, "batch_size": 4, "lr": 0.0035},  # IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml
     "promptsrc": {"epochs": 20, "batch_size": 4, "lr": 0.0025},
     "dpc": {"epochs": 20, "batch_size": 4, "lr": 0.002},
     "softcpt": {"epochs": 50, "batch_size": 32, "lr": 0.002},
+    # DAPT: few-shot (subsample "all") from DAPT's repo; base-to-new (subsample base/new) from CaPT's DAPT
+    # baseline (UCPDAPT: batch 4, lr 0.0035, 10 epochs, the learner's default betas), spec §6.5.
+    "dapt": {"epochs": None, "batch_size": 32, "lr": 0.002, "lr_by_dataset": DAPT_LR, "learner_by_dataset": DAPT_BETAS,
+             "base2new": {"epochs": 10, "batch_size": 4, "lr": 0.0035}},
+    "vpt": dict(VPT_OPTIM, batch_size=128),  # KMnP/vpt configs/base-prompt.yaml
+    "vapt": dict(VPT_OPTIM, batch_size=64),  # VAPT configs/base-prompt.yaml and README (spec §3.4)
 }
 GENERIC = {"epochs": 10, "batch_size": 32, "lr": 0.002}
 
 
-def default_epochs(method: str, shots: int, dataset: str = "") -> int:
-    """Official epoch count: the method's table entry; CoOp few-shot uses 50 (1 shot, and ImageNet at any
-    shots), 100 (2 and 4 shots) or 200 (8, 16 shots) epochs [CoOp COOP.md]."""
-    entry = METHOD_DEFAULTS.get(method, GENERIC)
+def method_defaults(method: str, dataset: str = "", subsample: str = "all") -> Dict[str, Any]:
+    """The official optimisation settings of ``method`` for a run on ``dataset`` / ``subsample``: epochs
+    (None = by shots), batch_size, lr, weight_decay, warmup_epoch, lr_scheduler, lr_batch_scaling, and
+    ``learner`` (official per-dataset learner options, e.g. DAPT's betas)."""
+    from fastprompt.templates import dataset_key
+
+    entry = dict(METHOD_DEFAULTS.get(method, GENERIC))
+    key = dataset_key(dataset) if dataset else ""
+    by_lr, by_learner = entry.pop("lr_by_dataset", {}), entry.pop("learner_by_dataset", {})
+    b2n = entry.pop("base2new", None)
+    out = dict(DASSL_OPTIM, learner={}, **entry)
+    if b2n is not None and subsample in ("base", "new"):
+        out.update(b2n)
+    else:
+        if key in by_lr:
+            out["lr"] = by_lr[key]
+        out["learner"] = dict(by_learner.get(key, {}))
+    return out
+
+
+def default_epochs(method: str, shots: int, dataset: str = "", subsample: str = "all") -> int:
+    """Official epoch count: the method's table entry; CoOp (and DAPT) few-shot use 50 (1 shot, and ImageNet
+    at any shots), 100 (2 and 4 shots) or 200 (8, 16 shots) epochs [CoOp COOP.md, DAPT scripts/main.sh]."""
+    entry = method_defaults(method, dataset, subsample)
     if entry["epochs"] is not None:
         return int(entry["epochs"])
     if dataset.lower().replace("-", "_") == "imagenet" or shots == 1:
@@ -70,10 +127,12 @@ class TrainConfig:
     test_batch_size: int = 100
     lr: Optional[float] = None
     momentum: float = 0.9  # Dassl OPTIM.MOMENTUM
-    weight_decay: float = 5e-4  # Dassl OPTIM.WEIGHT_DECAY
-    warmup_epoch: int = 1
-    warmup_lr: float = 1e-5
+    weight_decay: Optional[float] = None  # OPTIM.WEIGHT_DECAY; None: the method's (Dassl 5e-4, VPT 1e-4)
+    warmup_epoch: Optional[int] = None  # OPTIM.WARMUP_EPOCH; None: the method's (Dassl 1, VPT 10)
+    warmup_lr: float = 1e-5  # Dassl's constant warm-up lr (unused by "warmup_cosine")
     warmup_type: str = "constant"
+    lr_scheduler: Optional[str] = None  # "cosine" (Dassl) | "warmup_cosine" (VPT); None: the method's
+    lr_batch_scaling: Optional[bool] = None  # train at lr * global batch / 256 (VPT); None: the method's
     precision: str = "fp32"
     grad_clip: Optional[float] = None  # max grad norm; None = off, as the official code
     num_workers: int = 4
@@ -111,6 +170,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_scheduler is not None and self.lr_scheduler not in SCHEDULES:
+            raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
+        if self.warmup_epoch is not None and self.warmup_epoch < 0:
+            raise ValueError(f"warmup_epoch must be >= 0, got {self.warmup_epoch}")
+        if self.weight_decay is not None and self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
         learner_fields = _learner_fields(self.method)
@@ -121,14 +186,17 @@ class TrainConfig:
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
-    """Fill epochs / batch_size / lr left at None with the method's official values."""
-    entry = METHOD_DEFAULTS.get(cfg.method, GENERIC)
-    return dataclasses.replace(
-        cfg,
-        epochs=cfg.epochs if cfg.epochs is not None else default_epochs(cfg.method, cfg.shots, cfg.dataset),
-        batch_size=cfg.batch_size if cfg.batch_size is not None else entry["batch_size"],
-        lr=cfg.lr if cfg.lr is not None else entry["lr"],
-    )
+    """Fill the fields left at None (epochs, batch_size, lr, weight_decay, warmup_epoch, lr_scheduler,
+    lr_batch_scaling) with the method's official values for this dataset / protocol, and add the official
+    per-dataset learner options the run does not set itself (DAPT's betas). Idempotent."""
+    entry = method_defaults(cfg.method, cfg.dataset, cfg.subsample)
+    filled = {name: getattr(cfg, name) if getattr(cfg, name) is not None else entry[name]
+              for name in ("batch_size", "lr", "weight_decay", "warmup_epoch", "lr_scheduler", "lr_batch_scaling")}
+    filled["epochs"] = cfg.epochs if cfg.epochs is not None else default_epochs(cfg.method, cfg.shots, cfg.dataset,
+                                                                                  cfg.subsample)
+    learner = dict(entry["learner"])
+    learner.update(cfg.learner)
+    return dataclasses.replace(cfg, learner=learner, **filled)
 
 
 def _learner_fields(method: str) -> Dict[str, dataclasses.Field]:
@@ -147,9 +215,14 @@ _DASSL_KEYS = {
     "DATALOADER.NUM_WORKERS": "num_workers", "DATASET.NAME": "dataset", "DATASET.ROOT": "root",
     "DATASET.NUM_SHOTS": "shots", "DATASET.SUBSAMPLE_CLASSES": "subsample", "SEED": "seed",
     "OUTPUT_DIR": "output_dir", "MODEL.BACKBONE.NAME": "model", "TRAINER.NAME": "method",
+    "OPTIM.LR_SCHEDULER": "lr_scheduler",
+    # VPT / VAPT (fvcore) names of the same settings
+    "SOLVER.BASE_LR": "lr", "SOLVER.TOTAL_EPOCH": "epochs", "SOLVER.WARMUP_EPOCH": "warmup_epoch",
+    "SOLVER.WEIGHT_DECAY": "weight_decay", "SOLVER.MOMENTUM": "momentum", "DATA.BATCH_SIZE": "batch_size",
+    "SOLVER.SCHEDULER": "lr_scheduler",
 }
 # Dassl keys whose only accepted value is what fastprompt implements (so configs that set them still load).
-_FIXED_KEYS = {"OPTIM.NAME": ("sgd",), "OPTIM.LR_SCHEDULER": ("cosine",), "OPTIM.WARMUP_RECOUNT": (True,),
+_FIXED_KEYS = {"OPTIM.NAME": ("sgd",), "SOLVER.OPTIMIZER": ("sgd",), "OPTIM.WARMUP_RECOUNT": (True,),
                "TEST.FINAL_MODEL": ("last_step",)}
 _PREC = {"fp16": "fp16", "fp32": "fp32", "amp": "amp", "bf16": "bf16", "fp64": "fp64"}
 
@@ -200,7 +273,8 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
 
 _FIELD_DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
                    for f in dataclasses.fields(TrainConfig)}
-_NUMERIC_OPTIONAL = {"epochs": 1, "batch_size": 1, "lr": 1.0, "grad_clip": 1.0, "pretrained": ""}
+_NUMERIC_OPTIONAL = {"epochs": 1, "batch_size": 1, "lr": 1.0, "grad_clip": 1.0, "pretrained": "", "weight_decay": 1.0,
+                     "warmup_epoch": 1, "lr_scheduler": "", "lr_batch_scaling": False}
 
 
 def _set(cfg: TrainConfig, key: str, raw: Any) -> TrainConfig:

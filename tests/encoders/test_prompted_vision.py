@@ -61,6 +61,8 @@ TOWERS = {
     "clip_tiny": lambda dt: tiny_clip(dtype=dt).visual,
     "timm": lambda dt: timm_vit(dt),
     "timm_avg_regs": lambda dt: timm_vit(dt, global_pool="avg", reg_tokens=2),
+    "timm_pre_norm": lambda dt: timm_vit(dt, pre_norm=True),  # a real norm_pre (LayerNorm)
+    "timm_avg_regs_pre_norm": lambda dt: timm_vit(dt, global_pool="avg", reg_tokens=2, pre_norm=True),
 }
 
 
@@ -215,5 +217,74 @@ def test_errors():
         enc(x, {0: torch.randn(2, 7, dtype=torch.float64)})
     with pytest.raises(TypeError, match="dict"):
         enc(x, [p])
+    with pytest.raises(TypeError, match="after_ln_pre"):
+        PromptedVisionEncoder(visual, "after_cls", after_ln_pre="yes")
     with pytest.raises(ValueError, match="images"):
         enc(x[0])
+
+
+# ---------------------------------------------------------------------- after_ln_pre (DAPT)
+POST_LN_CASES = [(t, "after_cls", "shallow") for t in ("open_clip", "open_clip_lnd", "clip_tiny", "timm_pre_norm")] + [
+    ("open_clip", "after_cls", "deep_some"), ("open_clip_ln_after_pool", "after_cls", "shallow"),
+    ("clip_tiny", "append", "deep_all"), ("timm_avg_regs_pre_norm", "after_cls", "deep_all"),
+]
+
+
+@pytest.mark.parametrize("tower,insert,deep", POST_LN_CASES)
+def test_after_ln_pre_fast_equals_reference_f64(tower, insert, deep):
+    visual = TOWERS[tower](torch.float64)
+    enc = PromptedVisionEncoder(visual, insert, after_ln_pre=True)
+    assert all(m.known for m in enc._math), "fast block math not used"
+    x = images(torch.float64)
+    keys = [k for k in DEPTHS[deep] if k < enc.depth]
+    prompts = _prompt_dict(enc.width, enc.depth, 3, keys, x.shape[0], torch.float64)
+    out = _check(enc, x, prompts, list(prompts.values()), TOL[torch.float64])
+    # a different function from the before-ln_pre insertion (where the tower has a non-identity ln_pre)
+    before = PromptedVisionEncoder(visual, insert)(x, prompts, fast=False)
+    assert rel_err(out, before) > 1e-3
+
+
+@pytest.mark.parametrize("tower", ["open_clip", "clip_tiny"])
+def test_after_ln_pre_fast_equals_reference_f32(tower):
+    visual = TOWERS[tower](torch.float32)
+    enc = PromptedVisionEncoder(visual, "after_cls", after_ln_pre=True)
+    x = images(torch.float32)
+    p = {0: (torch.rand(1, 16, enc.width) * 0.2 - 0.1).expand(x.shape[0], -1, -1).clone().requires_grad_()}
+    _check(enc, x, p, [p[0]], TOL[torch.float32])
+
+
+def test_after_ln_pre_callable_fast_equals_reference():
+    """Call 0 of a callable gets the tokens after ln_pre (where the prompts go in)."""
+    visual = TOWERS["open_clip"](torch.float64)
+    enc = PromptedVisionEncoder(visual, "after_cls", after_ln_pre=True)
+    x = images(torch.float64)
+    gen = _Generator(enc.width, 4, enc.num_prefix_tokens, skip=(2,))
+    _check(enc, x, gen, list(gen.parameters()), TOL[torch.float64])
+    first = gen.seen[0][1]
+    v = visual
+    t = v.conv1(x).flatten(2).transpose(1, 2)
+    t = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), t], dim=1) + v.positional_embedding
+    assert rel_err(first, v.ln_pre(t)) <= 1e-12
+
+
+def official_dapt_image_encoder(visual, x, ctx):
+    """The official DAPT ``ImageEncoder`` (mlvlab/DAPT trainers/dapt.py), transcribed: embed, ``ln_pre``,
+    [CLS, prompts, patches], the tower's transformer, ``ln_post`` on CLS, ``proj``."""
+    t = visual.conv1(x).flatten(2).permute(0, 2, 1)
+    t = torch.cat([visual.class_embedding + torch.zeros(t.shape[0], 1, t.shape[-1], dtype=t.dtype), t], dim=1)
+    t = visual.ln_pre(t + visual.positional_embedding)
+    t = torch.cat([t[:, :1], ctx.expand(t.shape[0], -1, -1), t[:, 1:]], dim=1)
+    t = visual.transformer(t)
+    return visual.ln_post(t[:, 0]) @ visual.proj
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast"])
+def test_after_ln_pre_is_the_official_dapt_image_encoder(fast):
+    visual = TOWERS["clip_tiny"](torch.float64)
+    enc = PromptedVisionEncoder(visual, "after_cls", after_ln_pre=True)
+    x = images(torch.float64)
+    ctx = torch.randn(1, 5, enc.width, dtype=torch.float64)
+    expected = official_dapt_image_encoder(visual, x, ctx)
+    assert rel_err(enc(x, {0: ctx[0]}, fast=fast), expected) <= 1e-10
+    # the prompts skip ln_pre: scaling them changes the features (it would not through a LayerNorm)
+    assert rel_err(enc(x, {0: 5 * ctx[0]}, fast=fast), expected) > 1e-3

@@ -192,3 +192,16 @@ def test_capt_errors():
     learner = fastprompt.create_learner("capt", model, NAMES)
     with pytest.raises(ValueError, match="class_shift"):
         learner.base.class_text_features(None, torch.zeros(3, D, dtype=torch.float64))
+
+
+def test_capt_over_dapt_fast_equals_reference():
+    """UCPDAPT: the class offset on DAPT's text tokens, plain CE (epsilon 0) plus DAPT's regularisers."""
+    from tests.learners.test_maple import tiny_deep_clip
+
+    model = tiny_deep_clip()
+    learner = fastprompt.create_learner("capt", model, NAMES, base="dapt", dropout=0.0,
+                                        base_config={"vis_num_tokens": 3, "txt_num_tokens": 5})
+    assert learner.config.smooth == 0.0 and learner.config.scale == 1.0
+    learner.base.set_prototypes(F.normalize(torch.randn(len(NAMES), 48, dtype=torch.float64), dim=-1) * 0.9)
+    perturb(learner)
+    assert_step_equivalent(learner, images_for(model, 3, torch.float64), torch.tensor([1, 3, 0]), "auto", 1e-10)

@@ -113,3 +113,19 @@ def test_dept_errors():
         fastprompt.create_learner("dept", model, NAMES, cls_weight=1.5)
     with pytest.raises(TypeError, match="no option"):
         fastprompt.create_learner("dept", model, NAMES, base_config={"bogus": 1})
+
+
+# ---------------------------------------------------------------------- DePT over the deep-prompting learners
+@pytest.mark.parametrize("base,base_config", [
+    ("maple", {"prompt_depth": 3}),
+    ("promptsrc", {"prompt_depth_text": 3, "prompt_depth_vision": 3}),
+])
+def test_dept_over_deep_prompting_fast_equals_reference(base, base_config):
+    from tests.learners.test_maple import tiny_deep_clip
+
+    model = tiny_deep_clip()
+    learner = fastprompt.create_learner("dept", model, NAMES, base=base, base_config=base_config)
+    perturb(learner)
+    assert_step_equivalent(learner, images_for(model, 3, torch.float64), torch.tensor([0, 2, 3]), "auto", 1e-10)
+    # The trainer's hooks reach the base (PromptSRC's Gaussian prompt aggregation runs in on_epoch_end).
+    learner.on_epoch_end(0, 2)
