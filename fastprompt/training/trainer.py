@@ -5,7 +5,8 @@ The loop talks to a learner only through the PromptLearner interface (``compute_
 trains here. What the official Dassl loop does and this one matches:
 
 * ``torch.optim.SGD(param_groups, lr, momentum=0.9, weight_decay=5e-4, dampening=0, nesterov=False)``;
-* the lr is set once per epoch (:mod:`fastprompt.training.schedule`);
+* the lr is set once per epoch (:mod:`fastprompt.training.schedule`): Dassl's cosine, or for VPT / VAPT their
+  linear-warm-up cosine with the lr scaled by global batch / 256 (``TrainConfig.lr_batch_scaling``);
 * the train loader drops the last incomplete batch when the data fill at least one batch (Dassl's
   ``drop_last=is_train and len(data_source) >= batch_size``);
 * the final model is the last epoch's (``TEST.FINAL_MODEL last_step``).
@@ -31,7 +32,7 @@ import torch
 from fastprompt.training.checkpoint import (
     CHECKPOINT_FILE, CheckpointError, check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
-from fastprompt.training.config import TrainConfig
+from fastprompt.training.config import VPT_REFERENCE_BATCH, TrainConfig, resolve_defaults
 from fastprompt.training.data import EpochBatchSampler, collate, epoch_seed
 from fastprompt.training.distributed import average_gradients, broadcast_trainable, dist_info, sharded_compute_loss
 from fastprompt.training.schedule import EpochLRSchedule
@@ -68,15 +69,19 @@ class Trainer:
     Args:
         learner: any registered PromptLearner.
         train_set: the training images (e.g. :class:`fastprompt.training.data.DatumDataset`).
-        config: a :class:`TrainConfig` whose epochs / batch_size / lr are resolved (not None).
+        config: a :class:`TrainConfig`; fields left at None take the method's official values
+            (:func:`fastprompt.training.config.resolve_defaults`).
         output_dir: where ``checkpoint.pt`` and ``log.jsonl`` go (None: no checkpoints, no log file).
         splits: the DatasetSplits handed to ``learner.attach_train_data`` (DPC, DAPT use it), or None.
+
+    Learner state beyond the trainable tensors (PromptSRC's GPA sums, DAPT's prototypes) is checkpointed when
+    the learner defines ``training_state_dict() -> dict | None`` and ``load_training_state_dict(state)``. A
+    learner whose state also holds what ``attach_train_data`` builds sets ``training_state_includes_train_data
+    = True``; a run resumed from such a state does not call ``attach_train_data`` again.
     """
 
     def __init__(self, learner, train_set, config: TrainConfig, output_dir: Optional[str] = None, splits=None):
-        for name in ("epochs", "batch_size", "lr"):
-            if getattr(config, name) is None:
-                raise ValueError(f"config.{name} is None; call fastprompt.training.config.resolve_defaults first")
+        config = resolve_defaults(config)
         self.learner, self.train_set, self.cfg = learner, train_set, config
         self.output_dir, self.splits = output_dir, splits
         self.dist = dist_info()
@@ -101,12 +106,13 @@ class Trainer:
         cfg = self.cfg
         self.learner.to(self.device)
         broadcast_trainable(self.learner)
-        groups = self.learner.param_groups(cfg.lr)
+        groups = self.learner.param_groups(self.base_lr)
         if not any(p.requires_grad for g in groups for p in g["params"]):
             raise ValueError(f"{self.learner.method} has no trainable tensors")
-        self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        self.optimizer = torch.optim.SGD(groups, lr=self.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                          dampening=0.0, nesterov=False)
-        self.schedule = EpochLRSchedule(self.optimizer, cfg.epochs, cfg.warmup_epoch, cfg.warmup_lr, cfg.warmup_type)
+        self.schedule = EpochLRSchedule(self.optimizer, cfg.epochs, cfg.warmup_epoch, cfg.warmup_lr, cfg.warmup_type,
+                                        kind=cfg.lr_scheduler)
         self.amp_dtype = autocast_dtype(cfg.precision)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.sampler = EpochBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, shuffle=True, drop_last=None,
@@ -134,6 +140,14 @@ class Trainer:
             "history": self.history,
         }
 
+    @property
+    def base_lr(self) -> float:
+        """The lr the optimizer groups start from: ``config.lr``, times global batch / 256 for VPT / VAPT."""
+        lr = float(self.cfg.lr)
+        if self.cfg.lr_batch_scaling:
+            lr *= self.cfg.batch_size * self.dist.world_size / VPT_REFERENCE_BATCH
+        return lr
+
     def _restore(self, path: str) -> int:
         payload = load_checkpoint(path)
         check_compatible(path, payload, self.learner, self.cfg.to_dict())
@@ -144,7 +158,8 @@ class Trainer:
             if self.scaler is not None and payload["scaler"] is not None:
                 self.scaler.load_state_dict(payload["scaler"])
             loader = getattr(self.learner, "load_training_state_dict", None)
-            if callable(loader) and payload.get("learner_extra") is not None:
+            self.extra_restored = callable(loader) and payload.get("learner_extra") is not None
+            if self.extra_restored:
                 loader(payload["learner_extra"])
             set_rng_state(payload["rng"])
         except (ValueError, KeyError, RuntimeError, TypeError) as exc:
@@ -164,6 +179,7 @@ class Trainer:
         cfg = self.cfg
         self._build()
         start = 0
+        self.extra_restored = False
         ckpt = self.checkpoint_path
         if ckpt and os.path.exists(ckpt):
             if not resume:
@@ -172,9 +188,11 @@ class Trainer:
             self._log({"event": "resume", "epoch": start, "checkpoint": ckpt})
         else:
             self._log({"event": "start", "method": self.learner.method, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                       "base_lr": self.base_lr,
                        "world_size": self.dist.world_size, "train_images": len(self.train_set),
                        "trainable_params": self.learner.num_trainable_parameters()})
-        if self.splits is not None:
+        if self.splits is not None and not (self.extra_restored
+                                            and getattr(self.learner, "training_state_includes_train_data", False)):
             self.learner.attach_train_data(self.splits)
         for epoch in range(start, cfg.epochs):
             self._train_epoch(epoch)
