@@ -150,11 +150,16 @@ class DAPT(PromptLearner):
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, E] unnormalised prompted image features (the official ``ImageEncoder``).
 
-        Both backends run this one computation: the prompts enter once, after ``ln_pre`` (so the prompted
-        vision encoder's insert modes, which place prompts before ``ln_pre``, do not apply), and there are no
-        deep prompts to rewrite.
+        The prompts enter once (shallow), right after the CLS token and *after* ``ln_pre``, so they are not
+        normalised. Reference backend: the official code below (``ln_pre``, concatenate [CLS, prompts,
+        patches], the tower's transformer, ``ln_post`` on CLS, ``proj``). Other backends: the prompted vision
+        encoder's fast path with ``after_ln_pre`` (the same function; SDPA attention, prompt rows moved to the
+        end, and the last block computed for the CLS row only).
         """
         x = check_images(self, images)
+        if not self.uses_reference:
+            ctx = self.vpt_dropout(self.vis_ctx.expand(x.shape[0], -1, -1))  # [B, Mv, Dv]: per-image dropout masks
+            return self._vision_encoder()(x, {0: ctx}, fast=True)
         visual = self.clip.visual
         x = visual._embeds(x)  # conv1, CLS, positional embedding, patch dropout, ln_pre: [B, 1 + P, Dv]
         ctx = self.vpt_dropout(self.vis_ctx.expand(x.shape[0], -1, -1)).to(x.dtype)
@@ -162,6 +167,17 @@ class DAPT(PromptLearner):
         x = visual.transformer(x)
         pooled, _ = visual._pool(x)  # CLS token (pool_type "tok"), ln_post
         return pooled @ visual.proj if visual.proj is not None else pooled
+
+    def _vision_encoder(self):
+        """The fast image path: prompts after CLS, after ``ln_pre``. Built on first use and kept outside the
+        module tree (it only views ``self.clip.visual``, so it adds no parameters or state-dict keys)."""
+        enc = self.__dict__.get("_dapt_vision")
+        if enc is None or enc.visual is not self.clip.visual:
+            from fastprompt.encoders.prompted_vision import PromptedVisionEncoder
+
+            enc = PromptedVisionEncoder(self.clip.visual, "after_cls", after_ln_pre=True)
+            object.__setattr__(self, "_dapt_vision", enc)
+        return enc
 
     def text_features(self) -> torch.Tensor:
         """[C, E] unnormalised prompted class text features."""

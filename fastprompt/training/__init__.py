@@ -10,12 +10,12 @@ from fastprompt.training.config import (
 )
 from fastprompt.training.data import DatumDataset, EpochBatchSampler
 from fastprompt.training.evaluate import evaluate, harmonic_mean, summarize_base2new, summarize_cross_dataset
-from fastprompt.training.schedule import EpochLRSchedule, dassl_lr
+from fastprompt.training.schedule import EpochLRSchedule, dassl_lr, vpt_lr
 from fastprompt.training.trainer import Trainer, seed_everything
 
 __all__ = [
     "CheckpointError", "load_checkpoint", "save_checkpoint", "METHOD_DEFAULTS", "TrainConfig", "apply_mapping",
     "apply_opts", "default_epochs", "load_config_file", "resolve_defaults", "DatumDataset", "EpochBatchSampler",
-    "evaluate", "harmonic_mean", "summarize_base2new", "summarize_cross_dataset", "EpochLRSchedule", "dassl_lr",
+    "evaluate", "harmonic_mean", "summarize_base2new", "summarize_cross_dataset", "EpochLRSchedule", "dassl_lr", "vpt_lr",
     "Trainer", "seed_everything",
 ]

@@ -106,7 +106,9 @@ def check_compatible(path: str, payload: Dict[str, Any], learner, train_config: 
         raise CheckpointError(f"{path}: learner config differs (checkpoint, run): {diff}")
     if list(payload["classnames"]) != list(learner.classnames):
         raise CheckpointError(f"{path}: class names differ from this run's ({len(payload['classnames'])} vs {len(learner.classnames)} classes)")
-    own = {n: p for n, p in learner.named_parameters() if p.requires_grad}
+    # Compare with what the learner itself saves (its trainable_state_dict), not only its requires_grad
+    # parameters: DPC stores its frozen tuned prompt P beside the trained P'.
+    own = learner.trainable_state_dict()
     stored = payload["trainable"]
     if set(own) != set(stored):
         raise CheckpointError(f"{path}: trainable tensors differ: missing {sorted(set(own) - set(stored))}, "

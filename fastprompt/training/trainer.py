@@ -217,7 +217,7 @@ class Trainer:
         learner.train()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
         loss_sum = torch.zeros((), dtype=torch.float64)
-        correct, seen = 0, 0
+        correct, seen, scored = 0, 0, 0
         t0 = time.perf_counter()
         bar = None
         if cfg.progress and self.dist.is_main:
@@ -251,7 +251,11 @@ class Trainer:
                 self.optimizer.step()
             n = labels.shape[0]
             loss_sum += loss.detach().double().cpu() * n
-            correct += int((logits.detach().argmax(-1) == labels).sum())
+            # Training accuracy from class logits [B, C]; learners whose training logits are something else
+            # (DPC: [B', B'] contrastive logits over the batch grown by its hard negatives) are not scored.
+            if logits.dim() == 2 and logits.shape[0] == n:
+                correct += int((logits.detach().argmax(-1) == labels).sum())
+                scored += n
             seen += n
             if bar is not None:
                 dt = max(time.perf_counter() - t0, 1e-9)
@@ -259,13 +263,13 @@ class Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        totals = torch.tensor([float(loss_sum), float(correct), float(seen)], dtype=torch.float64)
+        totals = torch.tensor([float(loss_sum), float(correct), float(seen), float(scored)], dtype=torch.float64)
         if self.dist.enabled:
             torch.distributed.all_reduce(totals)
         seconds = time.perf_counter() - t0
         images_total = int(totals[2])
         self._log({
             "event": "epoch", "epoch": epoch + 1, "lr": lrs, "loss": float(totals[0] / max(images_total, 1)),
-            "train_acc": 100.0 * float(totals[1]) / max(images_total, 1), "images": images_total,
+            "train_acc": 100.0 * float(totals[1]) / float(totals[3]) if totals[3] > 0 else None, "images": images_total,
             "seconds": round(seconds, 4), "img_per_s": round(images_total / max(seconds, 1e-9), 2),
         })

@@ -96,3 +96,48 @@ def test_evaluate_counts_and_caches_text(monkeypatch):
     per_class = [float((pred[data.labels == c] == c).double().mean()) for c in range(5)]
     assert res["macro_accuracy"] == pytest.approx(100 * sum(per_class) / 5)
     assert len(calls) == 1  # one text encoding for 3 test batches (+1 above is cached too)
+
+
+@pytest.mark.parametrize("method, expected", [
+    # (epochs, batch, lr, weight decay, warm-up epochs, schedule, lr x batch/256)
+    ("ivlp", (5, 4, 0.0035, 5e-4, 1, "cosine", False)),
+    ("prograd", (10, 4, 0.0035, 5e-4, 1, "cosine", False)),
+    ("decapt", (10, 4, 0.0035, 5e-4, 1, "cosine", False)),
+    ("vpt", (100, 128, 5.0, 1e-4, 10, "warmup_cosine", True)),
+    ("vapt", (100, 64, 5.0, 1e-4, 10, "warmup_cosine", True)),
+])
+def test_method_defaults_of_the_remaining_methods(method, expected):
+    d = resolve_defaults(TrainConfig(method=method, shots=16))
+    assert (d.epochs, d.batch_size, d.lr, d.weight_decay, d.warmup_epoch, d.lr_scheduler, d.lr_batch_scaling) == expected
+    assert resolve_defaults(d) == d  # idempotent
+
+
+def test_dapt_defaults_follow_the_protocol_and_dataset():
+    # few-shot (DAPT's scripts): epochs by shots as CoOp, batch 32, per-dataset lr and betas
+    d = resolve_defaults(TrainConfig(method="dapt", dataset="dtd", shots=16))
+    assert (d.epochs, d.batch_size, d.lr, d.learner) == (200, 32, 20.0, {"vis_beta": 100.0, "txt_beta": 0.01})
+    assert resolve_defaults(TrainConfig(method="dapt", dataset="OxfordPets", shots=4)).lr == 0.02  # Dassl names too
+    assert resolve_defaults(TrainConfig(method="dapt", dataset="imagenet", shots=16)).epochs == 50
+    assert resolve_defaults(TrainConfig(method="dapt", dataset="my_folder", shots=1)).lr == 0.002  # outside the table
+    # a run's own learner options win over the per-dataset ones
+    own = resolve_defaults(TrainConfig(method="dapt", dataset="dtd", learner={"vis_beta": 1.0}))
+    assert own.learner == {"vis_beta": 1.0, "txt_beta": 0.01}
+    # base-to-new: CaPT's DAPT baseline (10 epochs, batch 4, lr 0.0035, the learner's default betas)
+    b = resolve_defaults(TrainConfig(method="dapt", dataset="dtd", subsample="base"))
+    assert (b.epochs, b.batch_size, b.lr, b.learner) == (10, 4, 0.0035, {})
+
+
+def test_vpt_keys_and_schedule_options():
+    cfg = apply_opts(TrainConfig(method="vpt"), [
+        "SOLVER.BASE_LR", "0.25", "SOLVER.TOTAL_EPOCH", "30", "SOLVER.WARMUP_EPOCH", "5", "SOLVER.WEIGHT_DECAY", "0.01",
+        "DATA.BATCH_SIZE", "64", "SOLVER.SCHEDULER", "warmup_cosine", "SOLVER.OPTIMIZER", "sgd"])
+    assert (cfg.lr, cfg.epochs, cfg.warmup_epoch, cfg.weight_decay, cfg.batch_size, cfg.lr_scheduler) == (
+        0.25, 30, 5, 0.01, 64, "warmup_cosine")
+    # a Dassl method can be switched to VPT's schedule, and explicit settings beat the method's
+    d = resolve_defaults(apply_opts(TrainConfig(method="coop"), ["OPTIM.LR_SCHEDULER", "warmup_cosine",
+                                                                 "OPTIM.WARMUP_EPOCH", "0", "lr_batch_scaling", "True"]))
+    assert (d.lr_scheduler, d.warmup_epoch, d.lr_batch_scaling, d.weight_decay) == ("warmup_cosine", 0, True, 5e-4)
+    with pytest.raises(ValueError, match="lr_scheduler must be one of"):
+        apply_opts(TrainConfig(method="coop"), ["OPTIM.LR_SCHEDULER", "step"]).validate()
+    with pytest.raises(ValueError, match="not supported"):
+        apply_opts(TrainConfig(method="vpt"), ["SOLVER.OPTIMIZER", "adamw"])
