@@ -5,9 +5,12 @@ import json
 import logging
 import os
 import platform
+import time
 
 import pytest
 import torch
+
+from fastprompt.bench import _sync
 
 logging.getLogger().setLevel(logging.ERROR)
 
@@ -17,6 +20,30 @@ _ROWS = []
 def record(row: dict) -> None:
     """Keep one result row for the end-of-session table (and $FASTPROMPT_BENCH_JSON)."""
     _ROWS.append(row)
+
+
+def median_ms(fn, device: torch.device, rounds: int) -> float:
+    """Median wall time in ms of ``rounds`` calls of ``fn()``, each followed by a device sync (no warm-up)."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def first_call_ms(fn, device: torch.device, gpu_rounds: int = 5):
+    """(result of the first ``fn()`` call, reference time in ms). On a CPU that first call is the timing (seconds
+    per step: no warm-up needed, and more rounds would not fit the time budget); elsewhere it is the warm-up
+    and the time is the median of ``gpu_rounds`` further calls."""
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    ms = (time.perf_counter() - start) * 1e3
+    if device.type != "cpu":
+        ms = median_ms(fn, device, gpu_rounds)
+    return out, ms
 
 
 @pytest.fixture(scope="session")

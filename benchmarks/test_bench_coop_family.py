@@ -12,8 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.conftest import record
-from benchmarks.test_bench_text_engine import _median_ms
+from benchmarks.conftest import median_ms, record
 from fastprompt.bench import _rel, _sync
 
 CLASSES, BATCH = 100, 4
@@ -67,7 +66,7 @@ def test_coop_family_step(benchmark, name, kwargs, vitb16, device):
     cpu = device.type == "cpu"
     learner.backend = "reference"
     ref = step()  # warm-up and the values to compare against
-    ref_ms = _median_ms(step, device, rounds=1 if cpu else 5)
+    ref_ms = median_ms(step, device, rounds=1 if cpu else 5)
     learner.backend = "auto"
     fast = step()
     err = _compare(fast, ref)
@@ -95,7 +94,7 @@ def test_capt_overhead_over_coop(benchmark, vitb16, device):
         capt, capt_step = _build("capt", {}, vitb16, device)
         capt.backend = "auto"
         capt_step()
-        capt_ms = _median_ms(capt_step, device, rounds=3 if device.type == "cpu" else 20)
+        capt_ms = median_ms(capt_step, device, rounds=3 if device.type == "cpu" else 20)
     info = {
         "method": "capt/coop fast ratio (ref col = coop ms, fast col = capt ms)", "classes": CLASSES, "batch": BATCH, "device": str(device),
         "dtype": "float32", "reference_ms": coop_ms, "fast_ms": capt_ms, "speedup": capt_ms / coop_ms,

@@ -8,13 +8,11 @@ random ones so the timing is of the step only.
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 import fastprompt
-from benchmarks.conftest import record
+from benchmarks.conftest import first_call_ms, record
 from fastprompt.bench import _rel, _sync
 
 CASES = [("maple", {}), ("ivlp", {}), ("promptsrc", {})]
@@ -38,16 +36,6 @@ def _step(learner, images, labels):
     return run
 
 
-def _median_ms(fn, device, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
 @pytest.mark.parametrize("method,kwargs", CASES, ids=[c[0] for c in CASES])
 def test_deep_prompting_step(benchmark, vitb16, device, method, kwargs):
     model, tokenizer = vitb16
@@ -64,13 +52,7 @@ def test_deep_prompting_step(benchmark, vitb16, device, method, kwargs):
     step = _step(learner, images, labels)
 
     learner.backend = "reference"
-    if cpu:  # one call gives both the values and the time (the CPU needs no warm-up)
-        start = time.perf_counter()
-        ref_out, ref_grads = step()
-        ref_ms = (time.perf_counter() - start) * 1e3
-    else:
-        ref_out, ref_grads = step()
-        ref_ms = _median_ms(step, device, rounds=5)
+    (ref_out, ref_grads), ref_ms = first_call_ms(step, device)  # CPU: the first call's time; GPU: median of 5
 
     learner.backend = "auto"
     fast_out, fast_grads = step()

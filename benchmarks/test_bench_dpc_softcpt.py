@@ -13,18 +13,8 @@ import time
 import pytest
 import torch
 
-from benchmarks.conftest import record
+from benchmarks.conftest import first_call_ms, record
 from fastprompt.bench import _rel, _sync
-
-
-def _median_ms(fn, device, rounds):
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +52,7 @@ def test_dpc_step(benchmark, vitb16, device):
         return loss.detach(), logits.detach(), torch.autograd.grad(loss, params)
 
     dpc.backend = "reference"
-    # On a CPU the reference's first call is its timing (seconds per step); on a GPU warm up, then median of 5.
-    start = time.perf_counter()
-    ref = step()
-    _sync(device)
-    ref_ms = (time.perf_counter() - start) * 1e3 if cpu else _median_ms(step, device, 5)
+    ref, ref_ms = first_call_ms(step, device)  # CPU: the first call's time; GPU: warm-up, then median of 5
     dpc.backend = "auto"
     fast = step()
     err = max(_rel(fast[0], ref[0]), _rel(fast[1], ref[1]), *(_rel(f, r) for f, r in zip(fast[2], ref[2])))
@@ -99,11 +85,7 @@ def test_softcpt_nata_step(benchmark, vitb16, device):
         return loss.detach(), logits.detach(), torch.autograd.grad(loss, params)
 
     sc.backend = "reference"
-    # On a CPU the reference's first call is its timing (seconds per step); on a GPU warm up, then median of 5.
-    start = time.perf_counter()
-    ref = step()
-    _sync(device)
-    ref_ms = (time.perf_counter() - start) * 1e3 if cpu else _median_ms(step, device, 5)
+    ref, ref_ms = first_call_ms(step, device)  # CPU: the first call's time; GPU: warm-up, then median of 5
     sc.backend = "auto"
     fast = step()
     finite = torch.isfinite(ref[1])

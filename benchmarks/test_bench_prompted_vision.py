@@ -13,24 +13,12 @@ minutes. Random weights (no downloads): speed does not depend on them.
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
-from benchmarks.conftest import record
+from benchmarks.conftest import median_ms, record
 from fastprompt.bench import _rel, _sync
 from fastprompt.encoders.prompted_vision import PromptedVisionEncoder
-
-
-def _median_ms(fn, device, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def _size(device):
@@ -68,7 +56,7 @@ ENCODER_CASES = {
 def _run_and_compare(step, device, rounds, benchmark, set_fast):
     set_fast(False)
     ref_out, ref_grads = step()
-    ref_ms = _median_ms(step, device, rounds)
+    ref_ms = median_ms(step, device, rounds)
     set_fast(True)
     out, grads = step()
     err = max([_rel(out, ref_out)] + [_rel(a, b) for a, b in zip(grads, ref_grads)])

@@ -5,12 +5,10 @@ encodes every class at 77 tokens); rounds are few on purpose.
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
-from benchmarks.conftest import record
+from benchmarks.conftest import median_ms, record
 from fastprompt.bench import BenchCase, _rel, _sync, build_case, text_step
 
 CASES = [
@@ -18,16 +16,6 @@ CASES = [
     pytest.param(BenchCase("coop", 1000, dataset="imagenet"), id="coop-C1000"),
     pytest.param(BenchCase("cocoop", 100, batch=8, dataset="caltech101"), id="cocoop-B8xC100"),
 ]
-
-
-def _median_ms(fn, device, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -39,7 +27,7 @@ def test_text_step(benchmark, case, device):
 
     learner.backend = "reference"
     ref_out, ref_grads = step()  # warm-up and the values to compare against
-    ref_ms = _median_ms(step, device, rounds=1 if cpu else 5)
+    ref_ms = median_ms(step, device, rounds=1 if cpu else 5)
 
     learner.backend = "auto"
     fast_out, fast_grads = step()

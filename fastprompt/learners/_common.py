@@ -178,9 +178,6 @@ class PromptLearner(nn.Module):
 
     def save_pretrained(self, directory: str) -> None:
         """Write the learnable tensors (safetensors) and a JSON config to ``directory``."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
         name, pretrained = clip_source(self.clip)
         meta = {
             "method": self.method,
@@ -190,25 +187,45 @@ class PromptLearner(nn.Module):
             "clip_pretrained": pretrained,
             "fastprompt_version": __version__,
         }
-        tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        # Write to temporary names, then rename: an interrupted save never leaves a half-written adapter.
-        tmp_w, tmp_c = os.path.join(directory, WEIGHTS_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE + ".tmp")
-        save_file(tensors, tmp_w)
-        with open(tmp_c, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp_w, os.path.join(directory, WEIGHTS_FILE))
-        os.replace(tmp_c, os.path.join(directory, CONFIG_FILE))
+        write_adapter(directory, meta, self.trainable_state_dict())
 
     def load_trainable_state_dict(self, tensors: Dict[str, torch.Tensor]) -> None:
-        own = dict((n, p) for n, p in self.named_parameters() if p.requires_grad)
-        missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
-        if missing or unexpected:
-            raise ValueError(f"adapter does not match {self.method}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                if own[name].shape != value.shape:
-                    raise ValueError(f"{name}: stored shape {tuple(value.shape)} != {tuple(own[name].shape)}")
-                own[name].copy_(value)
+        load_into(self, tensors, self.method)
+
+
+def write_adapter(directory: str, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` ({name: tensor}, as safetensors) and ``meta`` (JSON) to ``directory`` atomically.
+
+    Both files are written to temporary names and then renamed: an interrupted save never leaves a
+    half-written adapter. Used by every learner's ``save_pretrained`` (and the VPT / VAPT classifiers').
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tmp_w, tmp_c = os.path.join(directory, WEIGHTS_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE + ".tmp")
+    save_file(tensors, tmp_w)
+    with open(tmp_c, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp_w, os.path.join(directory, WEIGHTS_FILE))
+    os.replace(tmp_c, os.path.join(directory, CONFIG_FILE))
+
+
+def load_into(module: nn.Module, tensors: Dict[str, torch.Tensor], method: str) -> None:
+    """Copy ``tensors`` ({name: tensor}) into the trainable parameters of ``module``, in place, without grad.
+
+    The names must be exactly the module's trainable parameter names and every shape must match
+    (ValueError naming the missing / unexpected names or the mismatched shape otherwise).
+    """
+    own = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
+    if missing or unexpected:
+        raise ValueError(f"adapter does not match {method}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if own[name].shape != value.shape:
+                raise ValueError(f"{name}: stored shape {tuple(value.shape)} != {tuple(own[name].shape)}")
+            own[name].copy_(value)
 
 
 def read_pretrained(directory: str) -> Dict[str, Any]:

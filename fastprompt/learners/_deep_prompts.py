@@ -10,8 +10,9 @@ by every block after the first, so block i gets ``deep[i - 1]``; IVLP / PromptSR
 block i < depth. Both are ``{i: deep[i - 1] for i in 1 .. depth-1}`` here. The fast engine does the replacement
 once on the shared prefix (the context is the same for every class), never per class.
 
-Vision side. Prompts are appended after the patch tokens before ``ln_pre``; deep ones overwrite the last
-``n`` tokens before block i, with the same counter semantics (``fastprompt.encoders.prompted_vision``).
+Vision side. MaPLe / IVLP / PromptSRC append prompts after the patch tokens before ``ln_pre``; deep ones
+overwrite the last ``n`` tokens before block i, with the same counter semantics. DAPT instead inserts shallow
+prompts right after CLS, after ``ln_pre`` (``PromptedVisionEncoder(..., after_ln_pre=True)``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from fastprompt.learners._common import plan_kwargs
 __all__ = [
     "official_context_init", "build_text_encoder", "deep_text_features", "check_images", "visual_width",
     "vision_encoder", "prompted_image_features", "cosine_logits", "IndependentPrompts", "gaussian_epoch_weights",
-    "GaussianPromptAggregation",
+    "GaussianPromptAggregation", "unnormalized_text_features", "independent_class_text_features",
+    "set_independent_classnames",
 ]
 
 
@@ -160,6 +162,29 @@ def cosine_logits(learner, image_features: torch.Tensor, text_normalized: torch.
     return learner.logit_scale * img.to(text_normalized.dtype) @ text_normalized.t()
 
 
+# ---------------------------------------------------------------------- methods shared as class attributes
+# (with those of ``_family.py``: ``itm_logits_from_features``, ``normalized_class_text``, ``cosine_forward``)
+def unnormalized_text_features(self) -> torch.Tensor:
+    """``text_features`` hook: [C, E] unnormalised prompted class text features (``class_text_features()``)."""
+    return self.class_text_features()
+
+
+def independent_class_text_features(
+    self, image_features=None, class_shift: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``class_text_features`` of a learner holding :class:`IndependentPrompts` as ``self.prompts`` (IVLP,
+    PromptSRC) -> [C, E] unnormalised (plug-in hook, ``fastprompt/learners/_family.py``). ``image_features`` is
+    unused (not image-conditional); ``class_shift`` [C, Dt] (CaPT) is added to the input context of class c."""
+    return deep_text_features(self, self.text, self.prompts.ctx, self.prompts.text_deep_prompts(), class_shift)
+
+
+def set_independent_classnames(self, classnames: Sequence[str]) -> None:
+    """``set_classnames`` of an IVLP-like learner: rebuild the class-dependent text buffers (base -> new)."""
+    p = self.prompts
+    self.classnames, self.text = build_text_encoder(self, classnames, p.n_ctx_text, p.prompt_prefix)
+    self._text_cache = None
+
+
 class IndependentPrompts(nn.Module):
     """IVLP / PromptSRC prompts: independent language and vision prompts, each deep to its own depth.
 
@@ -191,6 +216,15 @@ class IndependentPrompts(nn.Module):
         self.vpt = nn.Parameter(nn.init.normal_(torch.empty(n_ctx_vision, dv, **kw), std=std)) if depth_vision else None
         self.vpt_deep = nn.ParameterList(
             [nn.Parameter(nn.init.normal_(torch.empty(n_ctx_vision, dv, **kw), std=std)) for _ in range(max(depth_vision - 1, 0))]
+        )
+
+    @classmethod
+    def from_config(cls, learner, config) -> "IndependentPrompts":
+        """The prompts of an IVLP / PromptSRC config (``n_ctx_text``, ``n_ctx_vision``, ``ctx_init``,
+        ``prompt_depth_text``, ``prompt_depth_vision``, ``init_std``)."""
+        return cls(
+            learner, config.n_ctx_text, config.n_ctx_vision, config.ctx_init, config.prompt_depth_text,
+            config.prompt_depth_vision, config.init_std,
         )
 
     def text_deep_prompts(self) -> Dict[int, torch.Tensor]:

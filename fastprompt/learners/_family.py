@@ -32,8 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastprompt.classplan import build_class_plan, clean_classnames
 from fastprompt.encoders.prompted_text import PromptedTextEncoder
-from fastprompt.learners._common import PromptLearner
+from fastprompt.learners._common import PromptLearner, plan_kwargs
+from fastprompt.templates import format_prompts
 
 PROTOCOL = ("image_features", "class_text_features", "logits_from_features", "loss_from_features", "set_classnames")
 
@@ -81,6 +83,103 @@ def unified_fast_text(
         g_idx = torch.zeros(C, dtype=torch.long, device=ctx.device)
         return text.fast_features(ctx.unsqueeze(0), None, g_idx, c_idx, backend=backend, normalize=False)
     return text.fast_features(ctx.unsqueeze(0).expand(C, -1, -1), shift, c_idx, c_idx, backend=backend, normalize=False)
+
+
+def rebuild_unified_prompts(learner, classnames: Sequence[str], template: str) -> torch.Tensor:
+    """Switch a unified-context "end"-position learner (KgCoOp, ProGrad) to ``classnames``.
+
+    Sets ``learner.classnames`` (cleaned) and ``learner.text`` (the PromptedTextEncoder of
+    ``"<learner.prompt_prefix> <name>."`` with ``learner.n_ctx`` context tokens), clears the text cache, and
+    returns the L2-normalised frozen CLIP features [C, E] of ``template`` filled with each class name (on the
+    device of ``learner.ctx``), for the caller to keep as its buffer.
+    """
+    names = clean_classnames(classnames)
+    plan = build_class_plan(
+        names, learner.tokenizer, learner.n_ctx, learner.prompt_prefix, "end", **plan_kwargs(learner.tower)
+    )
+    learner.classnames = names
+    learner.text = PromptedTextEncoder(learner.clip, plan).to(learner.ctx.device)
+    learner._text_cache = None
+    w = learner.frozen_text_features(format_prompts(template, names))
+    return F.normalize(w, dim=-1).to(learner.ctx.device)
+
+
+def unified_class_text_features(
+    self, image_features=None, class_shift: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Plug-in hook of a unified-context learner (``self.text``, ``self.ctx`` [M, D]; KgCoOp, ProGrad), assigned
+    as its ``class_text_features`` method -> [C, E] unnormalised learned-prompt features. ``image_features`` is
+    unused (not image-conditional); ``class_shift`` [C, D] is added to each class's context."""
+    check_shift(class_shift, len(self.classnames), self.tower.width)
+    if self.uses_reference:
+        return unified_reference_text(self.text, self.ctx, class_shift)
+    return unified_fast_text(self.text, self.ctx, class_shift, self.op_backend)
+
+
+# ---------------------------------------------------------------------- methods shared as class attributes
+# Learners assign these plain functions as methods (``forward = cosine_forward``): one definition of the
+# common protocol methods, without a second base class (PromptLearner stays the only base).
+def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+    """``image_features`` of a learner with a frozen image tower: images [B, 3, H, W] -> [B, E] unnormalised."""
+    return self.encode_images(images)
+
+
+def itm_logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``logits_from_features``: v [B, E], t [C, E] (unnormalised) -> [B, C] = logit_scale * cos."""
+    return itm_logits(self.logit_scale, v, t)
+
+
+def ce_loss_from_features(self, v, t, labels, itm_loss=None, params=None):
+    """``loss_from_features`` of a learner trained on its logits only: ``itm_loss(logits, labels)``
+    (cross-entropy by default) -> (loss [], logits [B, C])."""
+    logits = self.logits_from_features(v, t)
+    return (itm_loss or F.cross_entropy)(logits, labels), logits
+
+
+def normalized_class_text(self) -> torch.Tensor:
+    """``encode_text`` of a learner whose text does not depend on the image: [C, E] L2-normalised
+    ``class_text_features()`` (cached in eval mode under no_grad)."""
+    return self.cached_text_features(lambda: F.normalize(self.class_text_features(), dim=-1))
+
+
+def cosine_forward(self, images: torch.Tensor) -> torch.Tensor:
+    """``forward``: images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(image_features, encode_text())."""
+    image_features = F.normalize(self.image_features(images), dim=-1)
+    text_features = self.encode_text()
+    return self.logit_scale * image_features.to(text_features.dtype) @ text_features.t()
+
+
+def features_compute_loss(self, images: torch.Tensor, labels: torch.Tensor):
+    """``compute_loss`` through the protocol: images [B, 3, H, W], labels [B] ->
+    ``loss_from_features(image_features(images), class_text_features(v), labels)`` = (loss [], logits [B, C])."""
+    v = self.image_features(images)
+    return self.loss_from_features(v, self.class_text_features(v), labels)
+
+
+# Trainer hooks of a plug-in (DePT, CaPT), forwarded to its base learner ``self.base``: PromptSRC's prompt
+# aggregation, DAPT's prototypes and their resume state live in the base. Assigned as class attributes.
+def forward_on_epoch_end(self, epoch: int, max_epoch: int) -> None:
+    """``on_epoch_end``: the base's hook (it may change the prompts, so the text cache is dropped)."""
+    self.base.on_epoch_end(epoch, max_epoch)
+    self._text_cache = None
+
+
+def forward_attach_train_data(self, dataset, **kwargs) -> None:
+    """``attach_train_data``: handed to the base learner."""
+    self.base.attach_train_data(dataset, **kwargs)
+
+
+def forward_training_state_dict(self):
+    """``training_state_dict``: the base's resume state, or None when it keeps none."""
+    getter = getattr(self.base, "training_state_dict", None)
+    return getter() if callable(getter) else None
+
+
+def forward_load_training_state_dict(self, state) -> None:
+    """``load_training_state_dict``: restores the base's resume state (ignored when the base keeps none)."""
+    loader = getattr(self.base, "load_training_state_dict", None)
+    if callable(loader) and state is not None:
+        loader(state)
 
 
 def forwarding_backend() -> property:

@@ -33,7 +33,10 @@ import torch.nn.functional as F
 
 from fastprompt.classplan import clean_classnames
 from fastprompt.learners._common import PromptLearner, config_from
-from fastprompt.learners._family import build_base, forwarding_backend, resolved_config, with_dataset
+from fastprompt.learners._family import (
+    build_base, forward_attach_train_data, forward_load_training_state_dict, forward_on_epoch_end,
+    forward_training_state_dict, forwarding_backend, resolved_config, with_dataset,
+)
 from fastprompt.learners.registry import register_learner
 from fastprompt.losses import MarginITMLoss, class_similarity
 from fastprompt.ops.condition import condition
@@ -154,21 +157,10 @@ class CaPT(PromptLearner):
 
     # ------------------------------------------------------------------ trainer hooks, passed to the base
     # (PromptSRC's prompt aggregation, DAPT's prototypes, and their resume state live in the base learner.)
-    def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
-        self.base.on_epoch_end(epoch, max_epoch)
-        self._text_cache = None
-
-    def attach_train_data(self, dataset, **kwargs) -> None:
-        self.base.attach_train_data(dataset, **kwargs)
-
-    def training_state_dict(self):
-        getter = getattr(self.base, "training_state_dict", None)
-        return getter() if callable(getter) else None
-
-    def load_training_state_dict(self, state) -> None:
-        loader = getattr(self.base, "load_training_state_dict", None)
-        if callable(loader) and state is not None:
-            loader(state)
+    on_epoch_end = forward_on_epoch_end
+    attach_train_data = forward_attach_train_data
+    training_state_dict = forward_training_state_dict
+    load_training_state_dict = forward_load_training_state_dict
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Switch the class list: the base's class parts, the TCI and the similarity matrix are rebuilt."""

@@ -31,7 +31,10 @@ import torch.nn.functional as F
 
 from fastprompt.classplan import clean_classnames
 from fastprompt.learners._common import PromptLearner, config_from
-from fastprompt.learners._family import build_base, forwarding_backend, resolved_config
+from fastprompt.learners._family import (
+    build_base, forward_attach_train_data, forward_load_training_state_dict, forward_on_epoch_end,
+    forward_training_state_dict, forwarding_backend, resolved_config,
+)
 from fastprompt.learners.registry import register_learner
 
 # DePT's per-baseline settings (configs/trainers/*, §5.5 of the spec): KgCoOp runs with W = 2.0 there.
@@ -102,25 +105,14 @@ class DePT(PromptLearner):
         self.head_classnames = list(head_names)
         self.set_classnames(names)
 
-    # ------------------------------------------------------------------ classes
     # ------------------------------------------------------------------ trainer hooks, passed to the base
     # (PromptSRC's prompt aggregation, DAPT's prototypes, and their resume state live in the base learner.)
-    def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
-        self.base.on_epoch_end(epoch, max_epoch)
-        self._text_cache = None
+    on_epoch_end = forward_on_epoch_end
+    attach_train_data = forward_attach_train_data
+    training_state_dict = forward_training_state_dict
+    load_training_state_dict = forward_load_training_state_dict
 
-    def attach_train_data(self, dataset, **kwargs) -> None:
-        self.base.attach_train_data(dataset, **kwargs)
-
-    def training_state_dict(self):
-        getter = getattr(self.base, "training_state_dict", None)
-        return getter() if callable(getter) else None
-
-    def load_training_state_dict(self, state) -> None:
-        loader = getattr(self.base, "load_training_state_dict", None)
-        if callable(loader) and state is not None:
-            loader(state)
-
+    # ------------------------------------------------------------------ classes
     def set_classnames(self, classnames: Sequence[str], use_head: Optional[bool] = None) -> None:
         """Switch the class list. The CAT head is used (fused) when the classes are the head's own; on other
         (new) classes only the ITM head, as DePT's "new" path. ``use_head=True`` with a subset of the head's

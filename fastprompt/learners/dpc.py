@@ -297,6 +297,19 @@ class DPC(PromptLearner):
         return self.logit_scale * image_features.to(text.dtype) @ text.t()
 
     # ------------------------------------------------------------------ DHNO
+    # ------------------------------------------------------------------ resume state
+    def training_state_dict(self):
+        """The miner's random stream (fallback draws, library image choice) carries over epochs: a resumed run
+        must continue it, not restart it, to draw the same negatives as an uninterrupted one."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss]}
+
+    def load_training_state_dict(self, state) -> None:
+        if not isinstance(state, dict) or "rng" not in state:
+            raise ValueError(f"DPC training state must hold the miner's 'rng' state, got {type(state).__name__}")
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+
     def attach_train_data(self, dataset, transform: Optional[Callable] = None, load_image: Optional[Callable] = None):
         """Index the few-shot training images of ``dataset`` (a ``DatasetSplits``) per class, once."""
         if len(dataset.classnames) != len(self.train_classnames):

@@ -16,12 +16,14 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastprompt.learners._common import PromptLearner, config_from
-from fastprompt.learners._family import itm_logits
 from fastprompt.learners._deep_prompts import (
-    IndependentPrompts, build_text_encoder, cosine_logits, deep_text_features, prompted_image_features,
+    IndependentPrompts, independent_class_text_features, prompted_image_features, set_independent_classnames,
+    unnormalized_text_features,
+)
+from fastprompt.learners._family import (
+    ce_loss_from_features, cosine_forward, itm_logits_from_features, normalized_class_text,
 )
 from fastprompt.learners.registry import register_learner
 
@@ -55,45 +57,19 @@ class IVLP(PromptLearner):
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
         config = config_from(IVLPConfig, config, kwargs)
         super().__init__(clip_model, classnames, config, tokenizer)
-        self.prompts = IndependentPrompts(
-            self, config.n_ctx_text, config.n_ctx_vision, config.ctx_init, config.prompt_depth_text,
-            config.prompt_depth_vision, config.init_std,
-        )
+        self.prompts = IndependentPrompts.from_config(self, config)
         self.set_classnames(classnames)
 
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Rebuild the class-dependent text buffers for a new class list (base -> new)."""
-        p = self.prompts
-        self.classnames, self.text = build_text_encoder(self, classnames, p.n_ctx_text, p.prompt_prefix)
-        self._text_cache = None
-
-    def text_features(self) -> torch.Tensor:
-        """[C, E] unnormalised prompted class text features."""
-        return self.class_text_features()
-
-    def class_text_features(self, image_features=None, class_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """-> [C, E] unnormalised class text features (plug-in hook, ``fastprompt/learners/_family.py``).
-        ``image_features`` is unused (not image-conditional); ``class_shift`` [C, Dt] (CaPT) is added to the
-        input context of class c."""
-        return deep_text_features(self, self.text, self.prompts.ctx, self.prompts.text_deep_prompts(), class_shift)
-
-    def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v [B, E], t [C, E] (unnormalised) -> [B, C] = logit_scale * cos."""
-        return itm_logits(self.logit_scale, v, t)
-
-    def loss_from_features(self, v, t, labels, itm_loss=None, params=None):
-        """The objective from features: ``itm_loss(logits, labels)`` (cross-entropy by default)."""
-        logits = self.logits_from_features(v, t)
-        return (itm_loss or F.cross_entropy)(logits, labels), logits
+    # The methods shared with MaPLe / PromptSRC / the CoOp family (_deep_prompts.py, _family.py).
+    set_classnames = set_independent_classnames
+    text_features = unnormalized_text_features  # -> [C, E] unnormalised
+    class_text_features = independent_class_text_features  # -> [C, E]; class_shift [C, Dt] (CaPT)
+    logits_from_features = itm_logits_from_features  # v [B, E], t [C, E] -> [B, C] = logit_scale * cos
+    loss_from_features = ce_loss_from_features  # cross-entropy (or itm_loss) on the logits
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, E] unnormalised prompted image features."""
         return prompted_image_features(self, images, self.prompts.vision_prompts())
 
-    def encode_text(self) -> torch.Tensor:
-        """[C, E] L2-normalised text features (cached in eval mode under no_grad)."""
-        return self.cached_text_features(lambda: F.normalize(self.text_features(), dim=-1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] -> logits [B, C]."""
-        return cosine_logits(self, self.image_features(images), self.encode_text())
+    encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
+    forward = cosine_forward  # images [B, 3, H, W] -> logits [B, C]

@@ -21,13 +21,14 @@ from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastprompt.learners._common import PromptLearner, config_from
-from fastprompt.learners._family import itm_logits
 from fastprompt.learners._deep_prompts import (
-    build_text_encoder, cosine_logits, deep_text_features, official_context_init, prompted_image_features,
+    build_text_encoder, deep_text_features, official_context_init, prompted_image_features, unnormalized_text_features,
     visual_width,
+)
+from fastprompt.learners._family import (
+    ce_loss_from_features, cosine_forward, itm_logits_from_features, normalized_class_text,
 )
 from fastprompt.learners.registry import register_learner
 
@@ -97,9 +98,8 @@ class MaPLe(PromptLearner):
         return prompts
 
     # ------------------------------------------------------------------ plug-in hooks
-    def text_features(self) -> torch.Tensor:
-        """[C, E] unnormalised prompted class text features."""
-        return self.class_text_features()
+    # The methods shared with IVLP / PromptSRC / the CoOp family (_deep_prompts.py, _family.py).
+    text_features = unnormalized_text_features  # -> [C, E] unnormalised
 
     def class_text_features(self, image_features=None, class_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
         """-> [C, E] unnormalised class text features (plug-in hook, ``fastprompt/learners/_family.py``).
@@ -107,23 +107,12 @@ class MaPLe(PromptLearner):
         input context of class c."""
         return deep_text_features(self, self.text, self.ctx, self.text_deep_prompts(), class_shift)
 
-    def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v [B, E], t [C, E] (unnormalised) -> [B, C] = logit_scale * cos."""
-        return itm_logits(self.logit_scale, v, t)
-
-    def loss_from_features(self, v, t, labels, itm_loss=None, params=None):
-        """The objective from features: ``itm_loss(logits, labels)`` (cross-entropy by default)."""
-        logits = self.logits_from_features(v, t)
-        return (itm_loss or F.cross_entropy)(logits, labels), logits
+    logits_from_features = itm_logits_from_features  # v [B, E], t [C, E] -> [B, C] = logit_scale * cos
+    loss_from_features = ce_loss_from_features  # cross-entropy (or itm_loss) on the logits
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, E] unnormalised prompted image features."""
         return prompted_image_features(self, images, self.vision_prompts())
 
-    def encode_text(self) -> torch.Tensor:
-        """[C, E] L2-normalised text features (cached in eval mode under no_grad)."""
-        return self.cached_text_features(lambda: F.normalize(self.text_features(), dim=-1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(prompted image, prompted class text)."""
-        return cosine_logits(self, self.image_features(images), self.encode_text())
+    encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
+    forward = cosine_forward  # images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(prompted image, text)

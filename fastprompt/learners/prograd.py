@@ -30,13 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastprompt.classplan import build_class_plan, clean_classnames
-from fastprompt.encoders.prompted_text import PromptedTextEncoder
-from fastprompt.learners._common import PromptLearner, config_from, context_init, plan_kwargs
-from fastprompt.learners._family import check_shift, itm_logits, unified_fast_text, unified_reference_text
+from fastprompt.learners._common import PromptLearner, config_from, context_init
+from fastprompt.learners._family import (
+    cosine_forward, features_compute_loss, frozen_image_features, itm_logits_from_features, normalized_class_text,
+    rebuild_unified_prompts, unified_class_text_features,
+)
 from fastprompt.learners.registry import register_learner
 from fastprompt.losses import distillation_ce, project_gradient
-from fastprompt.templates import dataset_key, format_prompts
+from fastprompt.templates import dataset_key
 
 # ProGrad's teacher templates (its trainers/prograd.py table): the class name moved to the end for the
 # "a type of ..." datasets, and "a texture of {}." for DTD.
@@ -113,28 +114,13 @@ class ProGrad(PromptLearner):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Rebuild the prompts and the zero-shot teacher's class features for a new class list."""
-        names = clean_classnames(classnames)
-        plan = build_class_plan(names, self.tokenizer, self.n_ctx, self.prompt_prefix, "end", **plan_kwargs(self.tower))
-        self.classnames = names
-        self.text = PromptedTextEncoder(self.clip, plan).to(self.ctx.device)
-        w = self.frozen_text_features(format_prompts(self.template, names))
-        self.register_buffer("teacher_features", F.normalize(w, dim=-1).to(self.ctx.device), persistent=False)
-        self._text_cache = None
+        self.register_buffer("teacher_features", rebuild_unified_prompts(self, classnames, self.template), persistent=False)
 
     # ------------------------------------------------------------------ plug-in protocol (see _family.py)
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] -> [B, E] unnormalised frozen image features."""
-        return self.encode_images(images)
-
-    def class_text_features(self, image_features=None, class_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """-> [C, E] unnormalised learned-prompt features; ``class_shift`` [C, D] is added to each class's context."""
-        check_shift(class_shift, len(self.classnames), self.tower.width)
-        if self.uses_reference:
-            return unified_reference_text(self.text, self.ctx, class_shift)
-        return unified_fast_text(self.text, self.ctx, class_shift, self.op_backend)
-
-    def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return itm_logits(self.logit_scale, v, t)
+    # The methods shared with the other CoOp-like learners are the functions of _family.py.
+    image_features = frozen_image_features  # -> [B, E] unnormalised frozen features
+    class_text_features = unified_class_text_features  # -> [C, E] unnormalised; class_shift [C, D] (CaPT)
+    logits_from_features = itm_logits_from_features  # -> [B, C] = logit_scale * cos
 
     def teacher_logits(self, v: torch.Tensor) -> torch.Tensor:
         """[B, E] unnormalised image features -> [B, C] zero-shot CLIP logits (no gradient)."""
@@ -168,17 +154,6 @@ class ProGrad(PromptLearner):
         return xe.detach() + (surrogate - surrogate.detach()), logits
 
     # ------------------------------------------------------------------ learner interface
-    def encode_text(self) -> torch.Tensor:
-        """[C, E] L2-normalised class text features (cached in eval mode under no_grad)."""
-        return self.cached_text_features(lambda: F.normalize(self.class_text_features(), dim=-1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(image, class text)."""
-        image_features = F.normalize(self.image_features(images), dim=-1)
-        text_features = self.encode_text()
-        return self.logit_scale * image_features.to(text_features.dtype) @ text_features.t()
-
-    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor):
-        """images [B, 3, H, W], labels [B] -> (surrogate loss whose gradient is ProGrad's update, logits)."""
-        v = self.image_features(images)
-        return self.loss_from_features(v, self.class_text_features(v), labels)
+    encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
+    forward = cosine_forward  # images [B, 3, H, W] -> logits [B, C] = logit_scale * cos
+    compute_loss = features_compute_loss  # -> (loss_from_features(...), logits [B, C])

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from fastprompt.learners._common import PromptLearner, config_from
 from fastprompt.learners._deep_prompts import (
-    GaussianPromptAggregation, IndependentPrompts, build_text_encoder, check_images, cosine_logits,
-    deep_text_features, prompted_image_features,
+    GaussianPromptAggregation, IndependentPrompts, check_images, cosine_logits, independent_class_text_features,
+    prompted_image_features, set_independent_classnames, unnormalized_text_features,
 )
-from fastprompt.learners._family import itm_logits
+from fastprompt.learners._family import itm_logits_from_features, normalized_class_text
 from fastprompt.learners.registry import register_learner
 from fastprompt.templates import format_prompts, imagenet_templates
 
@@ -64,10 +64,7 @@ class PromptSRC(PromptLearner):
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
         config = config_from(PromptSRCConfig, config, kwargs)
         super().__init__(clip_model, classnames, config, tokenizer)
-        self.prompts = IndependentPrompts(
-            self, config.n_ctx_text, config.n_ctx_vision, config.ctx_init, config.prompt_depth_text,
-            config.prompt_depth_vision, config.init_std,
-        )
+        self.prompts = IndependentPrompts.from_config(self, config)
         self.gpa = GaussianPromptAggregation(config.gpa_mean, config.gpa_std)
         self._fixed_text = None
         self._frozen_batch = None
@@ -75,10 +72,8 @@ class PromptSRC(PromptLearner):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Rebuild the class-dependent text buffers; the frozen template features are recomputed on next use."""
-        p = self.prompts
-        self.classnames, self.text = build_text_encoder(self, classnames, p.n_ctx_text, p.prompt_prefix)
+        set_independent_classnames(self, classnames)
         self._fixed_text = None
-        self._text_cache = None
 
     # ------------------------------------------------------------------ frozen references
     def fixed_text_features(self) -> torch.Tensor:
@@ -106,13 +101,10 @@ class PromptSRC(PromptLearner):
         return self.encode_images(check_images(self, images))
 
     # ------------------------------------------------------------------ plug-in hooks
-    def text_features(self) -> torch.Tensor:
-        """[C, E] unnormalised prompted class text features."""
-        return self.class_text_features()
-
-    def class_text_features(self, image_features=None, class_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """-> [C, E] unnormalised class text features; ``class_shift`` [C, Dt] is added to the input context."""
-        return deep_text_features(self, self.text, self.prompts.ctx, self.prompts.text_deep_prompts(), class_shift)
+    # The methods shared with IVLP / MaPLe / the CoOp family (_deep_prompts.py, _family.py).
+    text_features = unnormalized_text_features  # -> [C, E] unnormalised
+    class_text_features = independent_class_text_features  # -> [C, E]; class_shift [C, Dt] (CaPT)
+    logits_from_features = itm_logits_from_features  # v [B, E], t [C, E] -> [B, C] = logit_scale * cos
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, E] unnormalised prompted image features. In training mode the frozen features
@@ -120,10 +112,6 @@ class PromptSRC(PromptLearner):
         feats = prompted_image_features(self, images, self.prompts.vision_prompts())
         self._frozen_batch = self.frozen_image_features(images) if self.training else None
         return feats
-
-    def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """v [B, E], t [C, E] (unnormalised) -> [B, C] = logit_scale * cos."""
-        return itm_logits(self.logit_scale, v, t)
 
     def loss_from_features(self, v, t, labels, itm_loss=None, params=None, frozen_image_features=None):
         """PromptSRC's objective from prompted features v [B, E] and t [C, E] (unnormalised).
@@ -200,9 +188,7 @@ class PromptSRC(PromptLearner):
         self.gpa.sums = {n: v.detach().to(own[n].device).clone() for n, v in sums.items()}
         self.gpa.max_epoch = None if max_epoch is None else int(max_epoch)
 
-    def encode_text(self) -> torch.Tensor:
-        """[C, E] L2-normalised text features (cached in eval mode under no_grad)."""
-        return self.cached_text_features(lambda: F.normalize(self.text_features(), dim=-1))
+    encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> logits [B, C]."""

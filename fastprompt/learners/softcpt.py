@@ -258,6 +258,18 @@ class SoftCPT(PromptLearner):
             logits = logits.masked_fill(~own, float("-inf"))
         return logits
 
+    # ------------------------------------------------------------------ resume state
+    def training_state_dict(self):
+        """With ``seed`` set, class sampling draws from its own generator across epochs; a resumed run continues it."""
+        return None if self.sample_generator is None else {"sample_generator": self.sample_generator.get_state()}
+
+    def load_training_state_dict(self, state) -> None:
+        if self.sample_generator is None or state is None:
+            return
+        if not isinstance(state, dict) or "sample_generator" not in state:
+            raise ValueError("SoftCPT training state must hold the class-sampling generator state")
+        self.sample_generator.set_state(state["sample_generator"])
+
     def compute_loss(self, images: torch.Tensor, labels: torch.Tensor, task_ids: Optional[torch.Tensor] = None):
         """Multi-task step: (sum over tasks of CE(sum) over the task's columns) / B, and the masked logits."""
         y = self.global_labels(labels, task_ids)

@@ -36,10 +36,10 @@ from fastprompt.encoders.prompted_vision import PromptedVisionEncoder
 from fastprompt.learners._common import PromptLearner, config_from
 from fastprompt.learners.registry import register_learner
 from fastprompt.learners.vpt import (
-    VPTClassifier, _check_common, _patch_size, clip_class_text, prompted_image_features, vpt_init_bound,
+    VPTClassifier, _check_common, _patch_size, clip_template, encode_prompted_clip_images, prompted_clip_forward,
+    set_clip_classnames, vpt_init_bound,
 )
 from fastprompt.ops.vapt_prompts import dropout_masks, vapt_prompts
-from fastprompt.templates import template_for
 
 __all__ = ["VAPT", "VAPTConfig", "VAPTGenerator", "VAPTClassifier"]
 
@@ -180,24 +180,11 @@ class VAPT(PromptLearner):
         self.prompts = VAPTGenerator(self.encoder, config)
         self.set_classnames(classnames)
 
-    @property
-    def template(self) -> str:
-        return self.config.template or template_for(self.config.dataset or "")
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        self.classnames = [str(c) for c in classnames]
-        if not self.classnames:
-            raise ValueError("classnames is empty")
-
-    def encode_prompted_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, E] unnormalised prompted image features."""
-        return prompted_image_features(self.encoder, self.prompts, images, self.backend)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(prompted image, frozen class text)."""
-        text = clip_class_text(self)
-        feats = F.normalize(self.encode_prompted_images(images), dim=-1)
-        return self.logit_scale * feats.to(text.dtype) @ text.t()
+    # Shared with VPT (fastprompt/learners/vpt.py).
+    template = clip_template
+    set_classnames = set_clip_classnames
+    encode_prompted_images = encode_prompted_clip_images
+    forward = prompted_clip_forward
 
 
 class VAPTClassifier(VPTClassifier):

@@ -23,9 +23,7 @@ encoder (one concatenation, queries restricted to the rows that are kept, CLS-on
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
@@ -34,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastprompt.encoders.prompted_vision import INSERT_MODES, PromptedVisionEncoder
-from fastprompt.learners._common import LEARNER_BACKENDS, PromptLearner, config_from
+from fastprompt.learners._common import LEARNER_BACKENDS, PromptLearner, config_from, write_adapter
 from fastprompt.learners.registry import register_learner
 from fastprompt.ops._dispatch import default_backend
 from fastprompt.templates import format_prompts, template_for
@@ -136,6 +134,33 @@ def clip_class_text(learner: PromptLearner) -> torch.Tensor:
     return learner._class_text
 
 
+# Methods shared by the CLIP prompt learners of the visual-prompt family (VPT, VAPT), assigned as class
+# attributes: ``self.encoder`` (PromptedVisionEncoder) + ``self.prompts`` against frozen class text.
+@property
+def clip_template(self) -> str:
+    """``template``: the class-text template, ``config.template`` or the dataset's (CoOp's CUSTOM_TEMPLATES)."""
+    return self.config.template or template_for(self.config.dataset or "")
+
+
+def set_clip_classnames(self, classnames: Sequence[str]) -> None:
+    """``set_classnames``: the frozen class text is recomputed on next use (``clip_class_text``)."""
+    self.classnames = [str(c) for c in classnames]
+    if not self.classnames:
+        raise ValueError("classnames is empty")
+
+
+def encode_prompted_clip_images(self, images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, E] unnormalised prompted image features."""
+    return prompted_image_features(self.encoder, self.prompts, images, self.backend)
+
+
+def prompted_clip_forward(self, images: torch.Tensor) -> torch.Tensor:
+    """images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(prompted image, frozen class text)."""
+    text = clip_class_text(self)
+    feats = F.normalize(self.encode_prompted_images(images), dim=-1)
+    return self.logit_scale * feats.to(text.dtype) @ text.t()
+
+
 @register_learner("vpt")
 class VPT(PromptLearner):
     """VPT on an open_clip CLIP. ``forward(images [B, 3, H, W]) -> logits [B, C]``; trainable tensors:
@@ -152,24 +177,10 @@ class VPT(PromptLearner):
         self.prompts = VPTPrompts(self.encoder, config.num_tokens, config.deep, config.dropout)
         self.set_classnames(classnames)
 
-    @property
-    def template(self) -> str:
-        return self.config.template or template_for(self.config.dataset or "")
-
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        self.classnames = [str(c) for c in classnames]
-        if not self.classnames:
-            raise ValueError("classnames is empty")
-
-    def encode_prompted_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, E] unnormalised prompted image features."""
-        return prompted_image_features(self.encoder, self.prompts, images, self.backend)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(prompted image, frozen class text)."""
-        text = clip_class_text(self)
-        feats = F.normalize(self.encode_prompted_images(images), dim=-1)
-        return self.logit_scale * feats.to(text.dtype) @ text.t()
+    template = clip_template
+    set_classnames = set_clip_classnames
+    encode_prompted_images = encode_prompted_clip_images
+    forward = prompted_clip_forward
 
 
 # ---------------------------------------------------------------------------------------------- classifier
@@ -237,59 +248,27 @@ class VPTClassifier(nn.Module):
         """images [B, 3, H, W] -> logits [B, num_classes]."""
         return self.head(prompted_image_features(self.encoder, self.prompts, images, self._backend))
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, labels)
-
-    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor):
-        """images [B, 3, H, W], labels [B] -> (softmax cross-entropy [], logits [B, num_classes])."""
-        logits = self(images)
-        return self.loss(logits, labels), logits
-
-    def param_groups(self, lr: float):
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
-
-    def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
-        """Nothing to do at epoch ends."""
-
-    def attach_train_data(self, dataset) -> None:
-        """Not used by VPT / VAPT."""
+    # The rest of the training interface and the state methods are the prompt learners' own (they only use
+    # forward and the trainable parameters), assigned rather than inherited: this is not a PromptLearner.
+    loss = PromptLearner.loss  # softmax cross-entropy
+    compute_loss = PromptLearner.compute_loss  # -> (loss [], logits [B, num_classes])
+    param_groups = PromptLearner.param_groups
+    on_epoch_end = PromptLearner.on_epoch_end  # nothing to do at epoch ends
+    attach_train_data = PromptLearner.attach_train_data  # not used by VPT / VAPT
 
     # ------------------------------------------------------------------ state
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
-
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def load_trainable_state_dict(self, tensors: Dict[str, torch.Tensor]) -> None:
-        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        missing, unexpected = set(own) - set(tensors), set(tensors) - set(own)
-        if missing or unexpected:
-            raise ValueError(f"state does not match {self.method}: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                if own[name].shape != value.shape:
-                    raise ValueError(f"{name}: stored shape {tuple(value.shape)} != {tuple(own[name].shape)}")
-                own[name].copy_(value)
+    trainable_state_dict = PromptLearner.trainable_state_dict
+    num_trainable_parameters = PromptLearner.num_trainable_parameters
+    load_trainable_state_dict = PromptLearner.load_trainable_state_dict
 
     def save_pretrained(self, directory: str) -> None:
         """Write the trainable tensors (prompts + head, safetensors) and a JSON config to ``directory``."""
-        from safetensors.torch import save_file
-
         from fastprompt._version import __version__
-        from fastprompt.learners._common import CONFIG_FILE, WEIGHTS_FILE
 
-        os.makedirs(directory, exist_ok=True)
         arch = getattr(self.backbone, "pretrained_cfg", {}) or {}
         meta = {"method": self.method, "config": dataclasses.asdict(self.config), "num_classes": self.num_classes,
                 "backbone": arch.get("architecture"), "fastprompt_version": __version__}
-        tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        tmp_w, tmp_c = os.path.join(directory, WEIGHTS_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE + ".tmp")
-        save_file(tensors, tmp_w)
-        with open(tmp_c, "w") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp_w, os.path.join(directory, WEIGHTS_FILE))
-        os.replace(tmp_c, os.path.join(directory, CONFIG_FILE))
+        write_adapter(directory, meta, self.trainable_state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str, model: nn.Module, **overrides) -> "VPTClassifier":

@@ -92,7 +92,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 def check_compatible(path: str, payload: Dict[str, Any], learner, train_config: Optional[Dict[str, Any]] = None,
                      keys=("method", "model", "pretrained", "dataset", "shots", "seed", "subsample", "epochs",
                            "batch_size", "lr", "momentum", "weight_decay", "warmup_epoch", "warmup_lr",
-                           "warmup_type", "precision", "grad_clip", "learner")) -> None:
+                           "warmup_type", "lr_scheduler", "lr_batch_scaling", "precision", "grad_clip",
+                           "learner")) -> None:
     """Raise :class:`CheckpointError` unless ``payload`` was written by the same method, learner config, class
     names, tensor shapes and (when given) the same run settings ``keys`` of ``train_config``."""
     import dataclasses

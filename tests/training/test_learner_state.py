@@ -149,3 +149,38 @@ def test_dapt_state_without_prototypes_is_none_and_checked(synthetic_splits):
         learner.load_training_state_dict({"prototypes": None})
     with pytest.raises(ValueError, match=r"\[3, 48\]"):
         learner.load_training_state_dict({"prototypes": torch.zeros(2, 48)})
+
+
+# ---------------------------------------------------------------------- DPC (state kept in dpc.py: its sampler RNG)
+def _fit_dpc(directory, splits, stop=None, resume=False):
+    from fastprompt.training.data import DatumDataset, train_transform
+    from tests.conftest import tiny_clip
+
+    clip = tiny_clip(dtype=torch.float32)
+    torch.manual_seed(0)
+    learner = fastprompt.create_learner("dpc", clip, splits.classnames, top_k=2, seed=0, backbone_config={"n_ctx": 2})
+    data = DatumDataset(splits.train_x, train_transform(clip))
+    Trainer(learner, data, train_config(method="dpc", epochs=3, batch_size=3, lr=0.01), output_dir=str(directory),
+            splits=splits).fit(resume=resume, stop_after_epoch=stop)
+    return learner.trainable_state_dict()
+
+
+@pytest.fixture(scope="module")
+def dpc_runs(tmp_path_factory, synthetic_splits):
+    base = tmp_path_factory.mktemp("dpc")
+    full = _fit_dpc(base / "full", synthetic_splits)
+    _fit_dpc(base / "cut", synthetic_splits, stop=1)
+    return full, _fit_dpc(base / "cut", synthetic_splits, resume=True)
+
+
+def test_dpc_checkpoint_resumes(dpc_runs):
+    """DPC's checkpoint holds its frozen tuned prompt P ("tuned.*") beside the trained P'; the compatibility
+    check compares with the learner's own trainable_state_dict, so the run resumes."""
+    full, resumed = dpc_runs
+    assert set(full) == set(resumed) and any(k.startswith("tuned.") for k in full)
+    assert all(torch.equal(full[k], resumed[k]) for k in full if k.startswith("tuned."))
+
+
+def test_dpc_resume_is_exact(dpc_runs):
+    full, resumed = dpc_runs
+    assert all(torch.equal(full[k], resumed[k]) for k in full)

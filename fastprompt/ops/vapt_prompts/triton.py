@@ -92,6 +92,22 @@ def _xhat_tile(X, MU, RSTD, b, p, p_ok, c, c_ok, P, sxb, sxp, sxd, ACC: tl.const
 
 
 @triton.jit
+def _ln_tile(X, MU, RSTD, g, be, b, p, p_ok, c, c_ok, P, sxb, sxp, sxd, ACC: tl.constexpr):
+    """([BP, BC] LayerNorm output y = xhat * g + be (0 outside), [BP, BC] xhat) of sample b; g, be [BC] are
+    the loaded affine chunks (the caller loads them once per channel chunk)."""
+    xh, _r = _xhat_tile(X, MU, RSTD, b, p, p_ok, c, c_ok, P, sxb, sxp, sxd, ACC)
+    return tl.where(p_ok[:, None] & c_ok[None, :], xh * g[None, :] + be[None, :], 0.0), xh
+
+
+@triton.jit
+def _row_ranges(N, DH, BN: tl.constexpr, BDH: tl.constexpr):
+    """(prompt rows n [BN], n < N, hidden units jh [BDH], jh < DH): the index vectors of one sample's program."""
+    n = tl.arange(0, BN)
+    jh = tl.arange(0, BDH)
+    return n, n < N, jh, jh < DH
+
+
+@triton.jit
 def _fwd_kernel(
     OUT, T, HID, MU, RSTD, X, LNW, LNB, KER, TW, TB, W1, W2, CM, HM,
     P, D, N, DH, W, Hc, Wc, eps, scale,
@@ -101,10 +117,7 @@ def _fwd_kernel(
 ):
     ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
     b = tl.program_id(0)
-    n = tl.arange(0, BN)
-    n_ok = n < N
-    jh = tl.arange(0, BDH)
-    jh_ok = jh < DH
+    n, n_ok, jh, jh_ok = _row_ranges(N, DH, BN, BDH)
     # (1) LayerNorm statistics per patch: mean, then the centred variance (two passes, as F.layer_norm)
     for p0 in range(0, P, BP):
         p = p0 + tl.arange(0, BP)
@@ -138,8 +151,7 @@ def _fwd_kernel(
         for p0 in range(0, P, BP):
             p = p0 + tl.arange(0, BP)
             p_ok = p < P
-            xh, _r = _xhat_tile(X, MU, RSTD, b, p, p_ok, c, c_ok, P, sxb, sxp, sxd, ACC)
-            y = tl.where(p_ok[:, None] & c_ok[None, :], xh * g[None, :] + be[None, :], 0.0)
+            y, _xh = _ln_tile(X, MU, RSTD, g, be, b, p, p_ok, c, c_ok, P, sxb, sxp, sxd, ACC)
             a = _a_tile(TW, KER, n, n_ok, p, p_ok, W, Hc, Wc, s_twn, K, ACC, BN, BP)
             acc = tl.dot(a, y, acc, input_precision="ieee")
         if HAS_CM:
@@ -177,10 +189,7 @@ def _bwd_kernel(
 ):
     ACC: tl.constexpr = tl.float64 if ACC64 else tl.float32
     b = tl.program_id(0)
-    n = tl.arange(0, BN)
-    n_ok = n < N
-    jh = tl.arange(0, BDH)
-    jh_ok = jh < DH
+    n, n_ok, jh, jh_ok = _row_ranges(N, DH, BN, BDH)
     hm_ok = n_ok[:, None] & jh_ok[None, :]
     hpre = tl.load(HID + b * N * DH + n[:, None] * DH + jh[None, :], mask=hm_ok, other=0.0)
     hm = tl.where(hpre > 0, hpre, 0.0)
@@ -233,8 +242,7 @@ def _bwd_kernel(
             c_ok = c < D
             g = tl.load(LNW + c, mask=c_ok, other=0.0).to(ACC)
             be = tl.load(LNB + c, mask=c_ok, other=0.0).to(ACC)
-            xh, _r = _xhat_tile(X, MU, RSTD, b, p, p_ok, c, c_ok, P, sxb, sxp, sxd, ACC)
-            y = tl.where(p_ok[:, None] & c_ok[None, :], xh * g[None, :] + be[None, :], 0.0)
+            y, xh = _ln_tile(X, MU, RSTD, g, be, b, p, p_ok, c, c_ok, P, sxb, sxp, sxd, ACC)
             gs = tl.load(GS + b * N * D + n[:, None] * D + c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
             gyg = tl.dot(tl.trans(a), gs, input_precision="ieee") * g[None, :]
             r1 += tl.sum(gyg, 1)
