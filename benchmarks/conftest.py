@@ -54,11 +54,7 @@ def device() -> torch.device:
 def pytest_terminal_summary(terminalreporter):
     if not _ROWS:
         return
-    terminalreporter.write_sep("=", "fastprompt: reference vs fast (same run)")
-    keys = list(_ROWS[0])
-    terminalreporter.write_line(" | ".join(keys))
-    for row in _ROWS:
-        terminalreporter.write_line(" | ".join(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in keys))
+    # The JSON first: a printing problem must never lose a long run's results.
     path = os.environ.get("FASTPROMPT_BENCH_JSON")
     if path:
         meta = {
@@ -68,5 +64,12 @@ def pytest_terminal_summary(terminalreporter):
             "machine": platform.platform(),
         }
         with open(path, "w") as f:
-            json.dump({"meta": meta, "rows": _ROWS}, f, indent=2)
+            json.dump({"meta": meta, "rows": _ROWS}, f, indent=2, default=str)
         terminalreporter.write_line(f"wrote {path}")
+    terminalreporter.write_sep("=", "fastprompt: reference vs fast (same run)")
+    keys = None
+    for row in _ROWS:  # files record different columns: a header line whenever they change
+        if list(row) != keys:
+            keys = list(row)
+            terminalreporter.write_line(" | ".join(keys))
+        terminalreporter.write_line(" | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
