@@ -28,10 +28,10 @@ from fastprompt.encoders.prompted_text import PromptedTextEncoder
 from fastprompt.learners._common import plan_kwargs
 
 __all__ = [
-    "official_context_init", "build_text_encoder", "deep_text_features", "check_images", "visual_width",
-    "vision_encoder", "prompted_image_features", "cosine_logits", "IndependentPrompts", "gaussian_epoch_weights",
-    "GaussianPromptAggregation", "unnormalized_text_features", "independent_class_text_features",
-    "set_independent_classnames",
+    "official_context_init", "build_text_encoder", "check_class_idx", "deep_text_features", "check_images",
+    "visual_width", "vision_encoder", "prompted_image_features", "cosine_logits", "IndependentPrompts",
+    "gaussian_epoch_weights", "GaussianPromptAggregation", "unnormalized_text_features",
+    "independent_class_text_features", "set_independent_classnames",
 ]
 
 
@@ -71,38 +71,65 @@ def build_text_encoder(learner, classnames: Sequence[str], n_ctx: int, prompt_pr
     return names, PromptedTextEncoder(learner.clip, plan).to(device)
 
 
+def check_class_idx(class_idx, num_classes: int, device) -> torch.Tensor:
+    """Validate a class subset ``class_idx`` [K] (K >= 1, integers in 0..num_classes-1, repeats allowed) and
+    return it as int64 on ``device``."""
+    if not isinstance(class_idx, torch.Tensor):
+        raise TypeError(f"class_idx must be a 1-D int64 tensor of class indices, got {type(class_idx).__name__}")
+    if class_idx.dim() != 1 or class_idx.numel() == 0:
+        raise ValueError(f"class_idx must be a non-empty 1-D tensor [K], got shape {tuple(class_idx.shape)}")
+    if class_idx.dtype.is_floating_point or class_idx.dtype.is_complex or class_idx.dtype == torch.bool:
+        raise TypeError(f"class_idx must hold integer class indices, got dtype {class_idx.dtype}")
+    # One host sync per call; the engine syncs anyway (it packs suffixes by their lengths), and an index out of
+    # range would otherwise surface as a device-side assert far from the cause.
+    lo, hi = int(class_idx.min()), int(class_idx.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"class_idx values must be in 0..{num_classes - 1}, got min {lo}, max {hi}")
+    return class_idx.to(device=device, dtype=torch.long)
+
+
 def deep_text_features(
     learner,
     text: PromptedTextEncoder,
     ctx: torch.Tensor,
     deep: Dict[int, torch.Tensor],
     class_shift: Optional[torch.Tensor] = None,
+    class_idx: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Unnormalised class text features [C, E] for context ctx [M, D] and deep prompts {block i: [M, D]}.
+    """Unnormalised class text features [C, E] (or [K, E] for ``class_idx`` [K]) for context ctx [M, D] and
+    deep prompts {block i: [M, D]}.
 
     Reference: the official prompt learner + text encoder, i.e. ``cat([SOS], ctx, suffix)`` for every class at
-    full context length, with the deep prompts overwriting positions 1..M before each block i in ``deep``.
-    Fast: the engine (shared prefix computed once, deep prompts written into it once, packed suffixes).
+    full context length, with the deep prompts overwriting positions 1..M before each block i in ``deep``; a
+    class subset is taken by indexing those [C, E] features afterwards (what the official code does, e.g.
+    DPC's feature filtering). Fast: the engine (shared prefix computed once, deep prompts written into it once,
+    packed suffixes) on the requested classes only: the prefix does not depend on the class, so encoding a
+    subset is exactly the subset of the full result.
     ``class_shift`` [C, D] (CaPT) is added to every context token of class c at the input; the deep prompts
     still overwrite the context rows of every class at deeper blocks. Classes then no longer share a prefix,
-    so the fast engine runs the diagonal pairs (c, c).
+    so the fast engine runs the diagonal pairs (k, class_idx[k]) with shift class_shift[class_idx[k]].
     """
     C, M = text.plan.num_classes, ctx.shape[0]
     if class_shift is not None and (not isinstance(class_shift, torch.Tensor) or class_shift.shape != (C, ctx.shape[1])):
         got = tuple(class_shift.shape) if isinstance(class_shift, torch.Tensor) else type(class_shift).__name__
         raise ValueError(f"class_shift must be a [{C}, {ctx.shape[1]}] tensor (one shift per class), got {got}")
+    if class_idx is not None:
+        class_idx = check_class_idx(class_idx, C, ctx.device)
     if learner.uses_reference:
         rows = ctx.unsqueeze(0).expand(C, -1, -1)
         if class_shift is not None:
             rows = rows + class_shift.unsqueeze(1)
         prompts = torch.cat([text.token_embeds[:, :1], rows, text.token_embeds[:, 1 + M :]], dim=1)
-        return text.reference_features(prompts, text.token_ids, deep_prompts=deep or None)
-    c_idx = torch.arange(C, device=ctx.device)
+        feats = text.reference_features(prompts, text.token_ids, deep_prompts=deep or None)
+        return feats if class_idx is None else feats[class_idx]
+    c_idx = torch.arange(C, device=ctx.device) if class_idx is None else class_idx
+    K = c_idx.shape[0]
     if class_shift is None:
-        g_idx = torch.zeros(C, dtype=torch.long, device=ctx.device)
+        g_idx = torch.zeros(K, dtype=torch.long, device=ctx.device)
         return text.fast_features(ctx.unsqueeze(0), None, g_idx, c_idx, deep_prompts=deep or None, backend=learner.op_backend)
     return text.fast_features(
-        ctx.unsqueeze(0).expand(C, -1, -1), class_shift, c_idx, c_idx, deep_prompts=deep or None, backend=learner.op_backend
+        ctx.unsqueeze(0).expand(K, -1, -1), class_shift[c_idx], torch.arange(K, device=ctx.device), c_idx,
+        deep_prompts=deep or None, backend=learner.op_backend,
     )
 
 
@@ -164,18 +191,25 @@ def cosine_logits(learner, image_features: torch.Tensor, text_normalized: torch.
 
 # ---------------------------------------------------------------------- methods shared as class attributes
 # (with those of ``_family.py``: ``itm_logits_from_features``, ``normalized_class_text``, ``cosine_forward``)
-def unnormalized_text_features(self) -> torch.Tensor:
-    """``text_features`` hook: [C, E] unnormalised prompted class text features (``class_text_features()``)."""
-    return self.class_text_features()
+def unnormalized_text_features(self, class_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``text_features`` hook: [C, E] unnormalised prompted class text features (``class_text_features()``),
+    or [K, E] for the classes ``class_idx`` [K] int64 only (DPC's loss needs only the labels of its batch).
+    The reference backend encodes every class at 77 tokens and indexes; the fast one encodes just those."""
+    if class_idx is None:
+        return self.class_text_features()
+    return self.class_text_features(class_idx=class_idx)
 
 
 def independent_class_text_features(
-    self, image_features=None, class_shift: Optional[torch.Tensor] = None
+    self, image_features=None, class_shift: Optional[torch.Tensor] = None, class_idx: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """``class_text_features`` of a learner holding :class:`IndependentPrompts` as ``self.prompts`` (IVLP,
     PromptSRC) -> [C, E] unnormalised (plug-in hook, ``fastprompt/learners/_family.py``). ``image_features`` is
-    unused (not image-conditional); ``class_shift`` [C, Dt] (CaPT) is added to the input context of class c."""
-    return deep_text_features(self, self.text, self.prompts.ctx, self.prompts.text_deep_prompts(), class_shift)
+    unused (not image-conditional); ``class_shift`` [C, Dt] (CaPT) is added to the input context of class c;
+    ``class_idx`` [K] restricts the result to those classes ([K, E])."""
+    return deep_text_features(
+        self, self.text, self.prompts.ctx, self.prompts.text_deep_prompts(), class_shift, class_idx
+    )
 
 
 def set_independent_classnames(self, classnames: Sequence[str]) -> None:

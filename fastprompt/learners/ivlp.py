@@ -47,7 +47,7 @@ class IVLP(PromptLearner):
 
     Trainable (under ``prompts``): ``ctx`` [Mt, Dt], ``text_deep`` (depth_text-1) x [Mt, Dt], ``vpt``
     [Mv, Dv], ``vpt_deep`` (depth_vision-1) x [Mv, Dv]. Hooks: ``image_features(images) -> [B, E]``,
-    ``text_features() -> [C, E]`` (unnormalised).
+    ``text_features(class_idx=None) -> [C or K, E]`` (unnormalised).
     """
 
     method = "ivlp"
@@ -62,7 +62,7 @@ class IVLP(PromptLearner):
 
     # The methods shared with MaPLe / PromptSRC / the CoOp family (_deep_prompts.py, _family.py).
     set_classnames = set_independent_classnames
-    text_features = unnormalized_text_features  # -> [C, E] unnormalised
+    text_features = unnormalized_text_features  # -> [C, E] unnormalised; class_idx [K] -> [K, E]
     class_text_features = independent_class_text_features  # -> [C, E]; class_shift [C, Dt] (CaPT)
     logits_from_features = itm_logits_from_features  # v [B, E], t [C, E] -> [B, C] = logit_scale * cos
     loss_from_features = ce_loss_from_features  # cross-entropy (or itm_loss) on the logits

@@ -50,7 +50,8 @@ class MaPLe(PromptLearner):
 
     Trainable: ``ctx`` [M, Dt], ``proj`` Linear(Dt, Dv), ``compound_prompts_text`` (depth-1) x [M, Dt],
     ``compound_prompt_projections`` (depth-1) x Linear(Dt, Dv). ViT-B/16 at the defaults: 3,555,072 values.
-    Plug-in hooks: ``image_features(images) -> [B, E]`` and ``text_features() -> [C, E]`` (both unnormalised).
+    Plug-in hooks: ``image_features(images) -> [B, E]`` and ``text_features(class_idx=None) -> [C or K, E]`` (both
+    unnormalised).
     """
 
     method = "maple"
@@ -99,13 +100,16 @@ class MaPLe(PromptLearner):
 
     # ------------------------------------------------------------------ plug-in hooks
     # The methods shared with IVLP / PromptSRC / the CoOp family (_deep_prompts.py, _family.py).
-    text_features = unnormalized_text_features  # -> [C, E] unnormalised
+    text_features = unnormalized_text_features  # -> [C, E] unnormalised; class_idx [K] -> [K, E]
 
-    def class_text_features(self, image_features=None, class_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def class_text_features(
+        self, image_features=None, class_shift: Optional[torch.Tensor] = None, class_idx: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """-> [C, E] unnormalised class text features (plug-in hook, ``fastprompt/learners/_family.py``).
         ``image_features`` is unused (not image-conditional); ``class_shift`` [C, Dt] (CaPT) is added to the
-        input context of class c."""
-        return deep_text_features(self, self.text, self.ctx, self.text_deep_prompts(), class_shift)
+        input context of class c; ``class_idx`` [K] int64 restricts the result to those classes ([K, E]; the
+        fast engine encodes only them, the reference encodes all C at 77 tokens and indexes)."""
+        return deep_text_features(self, self.text, self.ctx, self.text_deep_prompts(), class_shift, class_idx)
 
     logits_from_features = itm_logits_from_features  # v [B, E], t [C, E] -> [B, C] = logit_scale * cos
     loss_from_features = ce_loss_from_features  # cross-entropy (or itm_loss) on the logits

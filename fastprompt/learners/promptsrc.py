@@ -54,7 +54,7 @@ class PromptSRC(PromptLearner):
     """PromptSRC learner. ``forward(images [B, 3, H, W]) -> logits [B, C]``; ``compute_loss(images, labels)``
     returns the full PromptSRC objective. Trainable (under ``prompts``): ``ctx``, ``text_deep``, ``vpt``,
     ``vpt_deep`` (46,080 values on ViT-B/16 at the defaults). Hooks: ``image_features(images) -> [B, E]``,
-    ``text_features() -> [C, E]`` (unnormalised), and the plug-in protocol of ``_family.py``.
+    ``text_features(class_idx=None) -> [C or K, E]`` (unnormalised), and the plug-in protocol of ``_family.py``.
     """
 
     method = "promptsrc"
@@ -102,7 +102,7 @@ class PromptSRC(PromptLearner):
 
     # ------------------------------------------------------------------ plug-in hooks
     # The methods shared with IVLP / MaPLe / the CoOp family (_deep_prompts.py, _family.py).
-    text_features = unnormalized_text_features  # -> [C, E] unnormalised
+    text_features = unnormalized_text_features  # -> [C, E] unnormalised; class_idx [K] -> [K, E]
     class_text_features = independent_class_text_features  # -> [C, E]; class_shift [C, Dt] (CaPT)
     logits_from_features = itm_logits_from_features  # v [B, E], t [C, E] -> [B, C] = logit_scale * cos
 
