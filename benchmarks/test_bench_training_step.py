@@ -6,15 +6,15 @@ Run: ``pytest benchmarks/test_bench_training_step.py --benchmark-only``.
   images already on the device: ``compute_loss`` (prompted or frozen image tower, text side, loss) under
   autocast, ``backward``, ``optimizer.step()`` (SGD, momentum 0.9, weight decay 5e-4, Dassl's). CUDA: the
   ViT-B-16 architecture (random weights: speed does not depend on them), the first 100 ImageNet class names,
-  the method's official batch size, bf16 autocast. CPU: 10 classes, batch 2, float32, so a CPU run stays
-  within a few minutes.
+  the method's official batch size, bf16 autocast. CPU: the real ViT-B-16 text tower with a narrow image tower
+  (width 128, 12 blocks as ViT-B/16 so MaPLe/PromptSRC keep their official depth 9, 64 px), 10 classes, batch 2, float32, so a CPU run stays within a few minutes.
 * ``test_timm_train_step``: the same for VPT-deep / VAPT (N = 10 prompts) on a timm ViT-B/16 classifier
   (``vit_base_patch16_224``, pretrained=False), 100 classes, batch 64 (CPU: width 192, 4 blocks, 10 classes,
   batch 2).
 * ``test_eval_throughput``: images/s of ``learner(images)`` in eval mode under ``no_grad``: the fast path
   encodes the class prompts once and reuses them (``cached_text_features``), the reference re-encodes all of
-  them at 77 tokens for every batch, as the official test loop does. CUDA: 100 classes, batch 100 (the
-  Dassl test batch); CPU: 10 classes, batch 2.
+  them at 77 tokens for every batch, as the official test loop does. CUDA: ViT-B-16, 100 classes, batch 100
+  (the Dassl test batch); CPU: the CPU model above, 10 classes, batch 2.
 
 Each row checks the fast step against the reference step from the same state (loss and every gradient) before
 timing, and on CUDA records peak memory (``torch.cuda.max_memory_allocated``) of each path.
@@ -22,16 +22,17 @@ timing, and on CUDA records peak memory (``torch.cuda.max_memory_allocated``) of
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict
 
 import pytest
 import torch
 
-from benchmarks.conftest import first_call_ms, median_ms, record
+from benchmarks.conftest import first_call_ms, record
 from fastprompt.bench import _rel, _sync
 
 CLIP_METHODS = ["coop", "cocoop", "kgcoop", "dept", "capt", "maple", "promptsrc", "dpc", "softcpt"]
 SOFTCPT_TASKS = 4  # the 100 (CPU: 10) classes read as 4 (CPU: 2) tasks of consecutive classes
+CPU_VISION = {"width": 128, "layers": 12, "image_size": 64, "patch_size": 16}  # CPU image tower (2 heads of 64)
 
 
 def _sizes(device: torch.device) -> Dict[str, object]:
@@ -39,7 +40,11 @@ def _sizes(device: torch.device) -> Dict[str, object]:
         return {"classes": 100, "batch": None, "timm_batch": 64, "eval_batch": 100, "dtype": "bf16-autocast",
                 "timm": {}, "rounds": 10}
     return {"classes": 10, "batch": 2, "timm_batch": 2, "eval_batch": 2, "dtype": "float32",
-            "timm": {"embed_dim": 192, "depth": 4, "num_heads": 3}, "rounds": 2}
+            "timm": {"embed_dim": 192, "depth": 4, "num_heads": 3}, "rounds": 1}
+
+
+def _arch(device: torch.device) -> str:
+    return "ViT-B-16" if device.type == "cuda" else "ViT-B-16 text + {width}w{layers}L {image_size}px vision".format(**CPU_VISION)
 
 
 def _autocast(device: torch.device):
@@ -63,10 +68,23 @@ def vitb16(device):
     import fastprompt
 
     torch.manual_seed(0)
-    model, _, tokenizer = fastprompt.load_clip("ViT-B-16", pretrained=None)
+    if device.type == "cuda":
+        model, _, tokenizer = fastprompt.load_clip("ViT-B-16", pretrained=None)
+    else:  # the real ViT-B-16 text tower (what the fast path changes) with a small 64 px image tower
+        import open_clip
+
+        cfg = open_clip.get_model_config("ViT-B-16")
+        vision = dict(cfg["vision_cfg"], **CPU_VISION)
+        model = open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=vision, text_cfg=cfg["text_cfg"])
+        tokenizer = open_clip.get_tokenizer("ViT-B-16")
     model = model.to(device=device, dtype=torch.float32).eval()
     names = fastprompt.load_classnames("imagenet")[: _sizes(device)["classes"]]
     return model, tokenizer, names
+
+
+def _image_size(model) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def _clip_learner(method: str, vitb16, device):
@@ -87,7 +105,8 @@ def _clip_learner(method: str, vitb16, device):
     learner = fastprompt.create_learner(method, model, classnames, tokenizer=tokenizer, **kwargs).to(device)
     if method == "dpc":  # the hard-negative library: 2 in-memory images per class (drawn on the CPU, as loaded)
         g = torch.Generator().manual_seed(3)
-        learner.set_library({c: torch.randn(2, 3, 224, 224, generator=g) for c in range(len(names))})
+        px = _image_size(model)
+        learner.set_library({c: torch.randn(2, 3, px, px, generator=g) for c in range(len(names))})
     with torch.no_grad():  # off the init, so every trainable tensor carries gradient (VAPT/MaPLe zero inits)
         g = torch.Generator().manual_seed(7)
         for p in learner.parameters():
@@ -142,8 +161,9 @@ def _compare_then_time(step: _Step, set_backend: Callable[[str], None], benchmar
     step.restore()
     assert len(fast[1]) == len(ref[1]) > 0
     err = max([_rel(fast[0], ref[0])] + [_rel(f, r) for f, r in zip(fast[1], ref[1])])
-    # fp32 (CPU): the exact contract; bf16 autocast (CUDA): both paths are rounded, differently.
-    assert err < (1e-4 if device.type == "cpu" else 5e-2), f"fast path disagrees with the reference: {err:.2e}"
+    # fp32 (CPU): the exact contract. bf16 autocast (CUDA): both paths are rounded, differently, so this is only
+    # a guard against timing a broken path (O(1) error); tests/learners/test_gpu_learners.py holds the bf16 bound.
+    assert err < (1e-4 if device.type == "cpu" else 1e-1), f"fast path disagrees with the reference: {err:.2e}"
 
     set_backend("reference")
     _peak_reset(device)
@@ -171,7 +191,8 @@ def _row(bench, shape, device, ref_ms, fast_ms, err, ref_mb, fast_mb, **extra):
 def test_clip_train_step(benchmark, method, vitb16, device):
     learner, batch, classes = _clip_learner(method, vitb16, device)
     gen = torch.Generator().manual_seed(1)
-    images = torch.randn(batch, 3, 224, 224, generator=gen).to(device)
+    px = _image_size(vitb16[0])
+    images = torch.randn(batch, 3, px, px, generator=gen).to(device)
     labels = (torch.arange(batch) * 7 % classes).to(device)  # distinct labels while batch <= classes (DPC)
     step = _Step(learner, images, labels, device)
 
@@ -180,7 +201,7 @@ def test_clip_train_step(benchmark, method, vitb16, device):
 
     s = _sizes(device)
     ref_ms, fast_ms, err, ref_mb, fast_mb = _compare_then_time(step, set_backend, benchmark, device, s["rounds"])
-    row = _row(f"train step {method}", f"ViT-B-16 C{classes} B{batch}", device, ref_ms, fast_ms, err, ref_mb, fast_mb,
+    row = _row(f"train step {method}", f"{_arch(device)} C{classes} B{batch}", device, ref_ms, fast_ms, err, ref_mb, fast_mb,
                images_per_s_fast=batch / fast_ms * 1e3)
     benchmark.extra_info.update(row)
     record(row)
@@ -231,7 +252,8 @@ def test_eval_throughput(benchmark, vitb16, device):
     torch.manual_seed(0)
     learner = fastprompt.create_learner("coop", model, list(names), tokenizer=tokenizer).to(device).eval()
     B = _sizes(device)["eval_batch"]
-    images = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(2)).to(device)
+    px = _image_size(model)
+    images = torch.randn(B, 3, px, px, generator=torch.Generator().manual_seed(2)).to(device)
     rounds = _sizes(device)["rounds"]
 
     def run():
@@ -250,7 +272,7 @@ def test_eval_throughput(benchmark, vitb16, device):
     benchmark.pedantic(lambda: (run(), _sync(device)), rounds=rounds + 1, warmup_rounds=1)
     fast_mb = _peak_mb(device)
     fast_ms = benchmark.stats.stats.median * 1e3
-    row = _row("eval coop (cached text)", f"ViT-B-16 C{len(names)} B{B}", device, ref_ms, fast_ms, err, ref_mb, fast_mb,
+    row = _row("eval coop (cached text)", f"{_arch(device)} C{len(names)} B{B}", device, ref_ms, fast_ms, err, ref_mb, fast_mb,
                images_per_s_reference=B / ref_ms * 1e3, images_per_s_fast=B / fast_ms * 1e3)
     benchmark.extra_info.update(row)
     record(row)
