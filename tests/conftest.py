@@ -33,22 +33,39 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def tiny_clip(custom_text: bool = False, dtype=torch.float64):
-    """A real open_clip CLIP (or CustomTextCLIP) at toy width: 3 causal text layers, a 32 px ViT."""
-    import open_clip
-
-    vision = open_clip.CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=16, image_size=32)
-    text = open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=4, layers=3)
-    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
-    torch.manual_seed(0)
-    model = cls(embed_dim=48, vision_cfg=vision, text_cfg=text)
-    # Non-trivial LayerNorm affine parameters, so a wrong LN would show.
+def randomize_layernorms(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial LayerNorm affine parameters (weight ~ N(1, 0.1), bias ~ N(0, 0.1)), so a misplaced or
+    missing LayerNorm would show in a comparison."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.LayerNorm):
                 m.weight.normal_(1.0, 0.1)
                 m.bias.normal_(0.0, 0.1)
-    return model.to(dtype).eval()
+    return model
+
+
+def tiny_clip(custom_text: bool = False, dtype=torch.float64, vision_layers: int = 2, text_layers: int = 3):
+    """A real open_clip CLIP (or CustomTextCLIP) at toy width: causal text layers, a 32 px ViT."""
+    import open_clip
+
+    vision = open_clip.CLIPVisionCfg(layers=vision_layers, width=64, head_width=32, patch_size=16, image_size=32)
+    text = open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=4, layers=text_layers)
+    cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    torch.manual_seed(0)
+    model = cls(embed_dim=48, vision_cfg=vision, text_cfg=text)
+    return randomize_layernorms(model).to(dtype).eval()
+
+
+def trainable(module: torch.nn.Module):
+    """The tensors that require grad, in parameter order."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def images_for(model, batch: int, dtype):
+    """Random normalised images [batch, 3, H, W] at the model's image size."""
+    size = model.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    return torch.randn(batch, 3, *size, dtype=dtype)
 
 
 @pytest.fixture(scope="session")

@@ -6,18 +6,9 @@ import torch
 import torch.nn as nn
 
 from fastprompt.encoders.prompted_vision import PromptedVisionEncoder
-from tests.conftest import rel_err, tiny_clip
+from tests.conftest import randomize_layernorms, rel_err, tiny_clip
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def _randomise_norms(model: nn.Module) -> nn.Module:
-    with torch.no_grad():  # non-trivial LayerNorm affines, so a misplaced LN would show
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.normal_(1.0, 0.1)
-                m.bias.normal_(0.0, 0.1)
-    return model
 
 
 def open_clip_vit(dtype=torch.float64, layers=4, lnd=False, **kw):
@@ -29,7 +20,7 @@ def open_clip_vit(dtype=torch.float64, layers=4, lnd=False, **kw):
         v.transformer.batch_first = False
         for blk in v.transformer.resblocks:
             blk.attn.batch_first = False
-    return _randomise_norms(v).to(dtype).eval()
+    return randomize_layernorms(v).to(dtype).eval()
 
 
 def timm_vit(dtype=torch.float64, **kw):
@@ -38,7 +29,7 @@ def timm_vit(dtype=torch.float64, **kw):
     torch.manual_seed(0)
     kw.setdefault("num_classes", 5)
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=4, **kw)
-    return _randomise_norms(m).to(dtype).eval()
+    return randomize_layernorms(m).to(dtype).eval()
 
 
 def images(dtype, batch=3):

@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 import fastprompt
 from fastprompt.losses import class_similarity, margin_itm_loss
-from tests.conftest import rel_err, tiny_clip
-from tests.learners.test_equivalence import images_for
+from tests.conftest import images_for, rel_err, tiny_clip
 from tests.learners.test_kgcoop import NAMES, NEW_NAMES, assert_step_equivalent, perturb, trainable
 
 D = 64

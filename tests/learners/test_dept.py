@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 import fastprompt
 from fastprompt.learners.dept import DePT
-from tests.conftest import rel_err, tiny_clip
-from tests.learners.test_equivalence import images_for
+from tests.conftest import images_for, rel_err, tiny_clip
 from tests.learners.test_kgcoop import NAMES, NEW_NAMES, assert_step_equivalent, perturb, trainable
 
 E, D = 48, 64  # tiny_clip: embed dim, text width

@@ -6,16 +6,10 @@ import torch
 
 import fastprompt
 from fastprompt._extension import extension_loaded
-from tests.conftest import rel_err, tiny_clip
+from tests.conftest import images_for, rel_err, tiny_clip
 
 FAST_BACKENDS = ["torch", "auto"] + (["compiled"] if extension_loaded() else [])
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def images_for(model, batch, dtype):
-    size = model.visual.image_size
-    size = size if isinstance(size, (tuple, list)) else (size, size)
-    return torch.randn(batch, 3, *size, dtype=dtype)
 
 
 def logits_and_grads(learner, images, upstream=None):

@@ -9,17 +9,12 @@ import torch.nn.functional as F
 import fastprompt
 from fastprompt._extension import extension_loaded
 from fastprompt.templates import KGCOOP_TEMPLATES
-from tests.conftest import rel_err, tiny_clip
-from tests.learners.test_equivalence import images_for
+from tests.conftest import images_for, rel_err, tiny_clip, trainable
 
 FAST_BACKENDS = ["torch", "auto"] + (["compiled"] if extension_loaded() else [])
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 NAMES = ["golden retriever", "Lamborghini Gallardo LP 570-4 Superleggera 2012", "a_b_c", "cat"]
 NEW_NAMES = ["red panda", "Mexican hairless dog (xoloitzcuintli)", "dog"]
-
-
-def trainable(learner):
-    return [p for p in learner.parameters() if p.requires_grad]
 
 
 def perturb(learner, std=0.05):

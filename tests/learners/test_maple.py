@@ -7,7 +7,7 @@ import torch
 
 import fastprompt
 from fastprompt._extension import extension_loaded
-from tests.conftest import rel_err
+from tests.conftest import images_for, rel_err, tiny_clip
 
 FAST_BACKENDS = ["torch", "auto"] + (["compiled"] if extension_loaded() else [])
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -16,26 +16,8 @@ NAMES = ["golden retriever", "Lamborghini Gallardo LP 570-4 Superleggera 2012", 
 
 # ---------------------------------------------------------------------- helpers shared by the deep-prompt tests
 def tiny_deep_clip(dtype=torch.float64, vision_layers: int = 3, text_layers: int = 3):
-    """A real open_clip CLIP at toy width, with as many vision as text layers so deep prompts reach the last
-    block of both towers; non-trivial LayerNorm affines."""
-    import open_clip
-
-    vision = open_clip.CLIPVisionCfg(layers=vision_layers, width=64, head_width=32, patch_size=16, image_size=32)
-    text = open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=4, layers=text_layers)
-    torch.manual_seed(0)
-    model = open_clip.CLIP(embed_dim=48, vision_cfg=vision, text_cfg=text)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.normal_(1.0, 0.1)
-                m.bias.normal_(0.0, 0.1)
-    return model.to(dtype).eval()
-
-
-def images_for(model, batch, dtype):
-    size = model.visual.image_size
-    size = size if isinstance(size, (tuple, list)) else (size, size)
-    return torch.randn(batch, 3, *size, dtype=dtype)
+    """``tiny_clip`` with as many vision as text layers, so deep prompts reach the last block of both towers."""
+    return tiny_clip(dtype=dtype, vision_layers=vision_layers, text_layers=text_layers)
 
 
 def perturb(learner, scale=0.05):

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 import fastprompt
 from fastprompt.losses import project_gradient
-from tests.conftest import rel_err, tiny_clip
-from tests.learners.test_equivalence import images_for
+from tests.conftest import images_for, rel_err, tiny_clip
 from tests.learners.test_kgcoop import FAST_BACKENDS, NAMES, NEW_NAMES, assert_step_equivalent, perturb, trainable
 
 

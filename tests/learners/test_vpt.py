@@ -9,7 +9,7 @@ import torch
 
 import fastprompt
 from fastprompt.learners.vpt import VPTClassifier, vpt_init_bound
-from tests.conftest import rel_err, tiny_clip
+from tests.conftest import randomize_layernorms, rel_err, tiny_clip, trainable
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 NAMES = ["golden retriever", "cat", "Lamborghini Gallardo LP 570-4 Superleggera 2012"]
@@ -20,16 +20,7 @@ def toy_timm(dtype=torch.float64, depth=3, **kw):
 
     torch.manual_seed(0)
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=depth, **kw)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.LayerNorm):
-                mod.weight.normal_(1.0, 0.1)
-                mod.bias.normal_(0.0, 0.1)
-    return m.to(dtype).eval()
-
-
-def trainable(model):
-    return [p for p in model.parameters() if p.requires_grad]
+    return randomize_layernorms(m).to(dtype).eval()
 
 
 def check_equivalent(model, images, backend="torch", tol=1e-10, labels=None, seed=5):
