@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 __all__ = [
-    "CUSTOM_TEMPLATES", "KGCOOP_TEMPLATES", "IMAGENET_TEMPLATES", "imagenet_templates", "dataset_key", "template_for",
+    "CUSTOM_TEMPLATES", "KGCOOP_TEMPLATES", "PROGRAD_TEMPLATES", "IMAGENET_TEMPLATES", "imagenet_templates", "dataset_key", "template_for",
     "format_prompts",
 ]
 
@@ -33,6 +33,17 @@ CUSTOM_TEMPLATES: Dict[str, str] = {
 
 # KgCoOp's table: identical except DTD (its knowledge-guidance template differs from CaPT's TCI template).
 KGCOOP_TEMPLATES: Dict[str, str] = {**CUSTOM_TEMPLATES, "dtd": "a photo of a {}, a type of texture."}
+
+# ProGrad's teacher table (its trainers/prograd.py): the class name moved to the end for the "a type of ..."
+# datasets, and "a texture of {}." for DTD; the rest as CUSTOM_TEMPLATES.
+PROGRAD_TEMPLATES: Dict[str, str] = {
+    **CUSTOM_TEMPLATES,
+    "oxford_pets": "a type of pet, a photo of a {}.",
+    "oxford_flowers": "a type of flower, a photo of a {}.",
+    "fgvc_aircraft": "a type of aircraft, a photo of a {}.",
+    "dtd": "a texture of {}.",
+    "food101": "a type of food, a photo of {}.",
+}
 
 _DASSL_NAMES = {
     "OxfordPets": "oxford_pets", "OxfordFlowers": "oxford_flowers", "FGVCAircraft": "fgvc_aircraft",

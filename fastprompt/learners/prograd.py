@@ -37,27 +37,8 @@ from fastprompt.learners._family import (
 )
 from fastprompt.learners.registry import register_learner
 from fastprompt.losses import distillation_ce, project_gradient
-from fastprompt.templates import dataset_key
+from fastprompt.templates import PROGRAD_TEMPLATES, template_for
 
-# ProGrad's teacher templates (its trainers/prograd.py table): the class name moved to the end for the
-# "a type of ..." datasets, and "a texture of {}." for DTD.
-PROGRAD_TEMPLATES: Dict[str, str] = {
-    "oxford_pets": "a type of pet, a photo of a {}.",
-    "oxford_flowers": "a type of flower, a photo of a {}.",
-    "fgvc_aircraft": "a type of aircraft, a photo of a {}.",
-    "dtd": "a texture of {}.",
-    "eurosat": "a centered satellite photo of {}.",
-    "stanford_cars": "a photo of a {}.",
-    "food101": "a type of food, a photo of {}.",
-    "sun397": "a photo of a {}.",
-    "caltech101": "a photo of a {}.",
-    "ucf101": "a photo of a person doing {}.",
-    "imagenet": "a photo of a {}.",
-    "imagenet_sketch": "a photo of a {}.",
-    "imagenetv2": "a photo of a {}.",
-    "imagenet_a": "a photo of a {}.",
-    "imagenet_r": "a photo of a {}.",
-}
 
 
 @dataclass
@@ -110,7 +91,7 @@ class ProGrad(PromptLearner):
 
     @property
     def template(self) -> str:
-        return self.config.template or PROGRAD_TEMPLATES.get(dataset_key(self.config.dataset or ""), "a photo of a {}.")
+        return self.config.template or template_for(self.config.dataset or "", PROGRAD_TEMPLATES)
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Rebuild the prompts and the zero-shot teacher's class features for a new class list."""
