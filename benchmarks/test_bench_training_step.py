@@ -29,6 +29,7 @@ import torch
 
 from benchmarks.conftest import first_call_ms, record
 from fastprompt.bench import _rel, _sync
+from fastprompt.bench_step import TrainStep, _image_size
 
 CLIP_METHODS = ["coop", "cocoop", "kgcoop", "dept", "capt", "maple", "promptsrc", "dpc", "softcpt"]
 SOFTCPT_TASKS = 4  # the 100 (CPU: 10) classes read as 4 (CPU: 2) tasks of consecutive classes
@@ -82,85 +83,24 @@ def vitb16(device):
     return model, tokenizer, names
 
 
-def _image_size(model) -> int:
-    size = model.visual.image_size
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
 def _clip_learner(method: str, vitb16, device):
-    import fastprompt
+    from fastprompt.bench_step import step_learner
     from fastprompt.training.config import method_defaults
 
     model, tokenizer, names = vitb16
-    kwargs: Dict[str, object] = {}
-    classnames: object = list(names)
-    if method in ("kgcoop", "capt"):
-        kwargs["dataset"] = "imagenet"  # their templates / hand-crafted prompts
-    if method == "softcpt":
-        tasks = SOFTCPT_TASKS if device.type == "cuda" else 2
-        per = len(names) // tasks
-        classnames = [list(names[t * per : (t + 1) * per]) for t in range(tasks)]
-        kwargs["tasknames"] = [f"task {t}" for t in range(tasks)]
-    torch.manual_seed(0)
-    learner = fastprompt.create_learner(method, model, classnames, tokenizer=tokenizer, **kwargs).to(device)
-    if method == "dpc":  # the hard-negative library: 2 in-memory images per class (drawn on the CPU, as loaded)
-        g = torch.Generator().manual_seed(3)
-        px = _image_size(model)
-        learner.set_library({c: torch.randn(2, 3, px, px, generator=g) for c in range(len(names))})
-    with torch.no_grad():  # off the init, so every trainable tensor carries gradient (VAPT/MaPLe zero inits)
-        g = torch.Generator().manual_seed(7)
-        for p in learner.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
+    tasks = SOFTCPT_TASKS if device.type == "cuda" else 2
+    learner = step_learner(method, model, tokenizer, names, device, tasks=tasks)
     batch = _sizes(device)["batch"] or int(method_defaults(method)["batch_size"])
-    return learner.train(), batch, len(names)
+    return learner, batch, len(names)
 
 
-class _Step:
-    """One training step of ``learner`` on fixed inputs, with the state (trainable tensors, optimizer) restorable,
-    so the reference and the fast step can be compared from the same state before they are timed."""
-
-    def __init__(self, learner, images, labels, device):
-        self.learner, self.images, self.labels, self.device = learner, images, labels, device
-        groups = learner.param_groups(0.002) if hasattr(learner, "param_groups") else \
-            [{"params": [p for p in learner.parameters() if p.requires_grad]}]
-        self.params = [p for g in groups for p in g["params"] if p.requires_grad]
-        self.opt = torch.optim.SGD(groups, lr=0.002, momentum=0.9, weight_decay=5e-4)
-        self.state = ([p.detach().clone() for p in self.params], None)
-
-    def __call__(self, capture: bool = False):
-        learner = self.learner
-        torch.manual_seed(0)  # dropout masks: the same in both paths
-        rng = getattr(learner, "rng", None)
-        if rng is not None and hasattr(rng, "seed"):
-            rng.seed(0)  # DPC's hard-negative draw
-        self.opt.zero_grad(set_to_none=True)
-        with _autocast(self.device):
-            loss, _ = learner.compute_loss(self.images, self.labels)
-        loss.backward()
-        out = None
-        if capture:
-            out = (loss.detach().float(), [p.grad.detach().float().clone() for p in self.params if p.grad is not None])
-        self.opt.step()
-        return out
-
-    def restore(self):
-        with torch.no_grad():
-            for p, v in zip(self.params, self.state[0]):
-                p.copy_(v)
-        self.opt.state.clear()
+def _Step(learner, images, labels, device) -> TrainStep:
+    return TrainStep(learner, images, labels, amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
 
 
 def _compare_then_time(step: _Step, set_backend: Callable[[str], None], benchmark, device, rounds: int):
     """(reference ms, fast ms, max rel err, ref peak MB, fast peak MB)."""
-    set_backend("reference")
-    ref = step(capture=True)
-    step.restore()
-    set_backend("auto")
-    fast = step(capture=True)
-    step.restore()
-    assert len(fast[1]) == len(ref[1]) > 0
-    err = max([_rel(fast[0], ref[0])] + [_rel(f, r) for f, r in zip(fast[1], ref[1])])
+    err = step.compare(set_backend)
     # fp32 (CPU): the exact contract. bf16 autocast (CUDA): both paths are rounded, differently, so this is only
     # a guard against timing a broken path (O(1) error); tests/learners/test_gpu_learners.py holds the bf16 bound.
     assert err < (1e-4 if device.type == "cpu" else 1e-1), f"fast path disagrees with the reference: {err:.2e}"

@@ -159,6 +159,11 @@ def format_table(results: List[BenchResult]) -> str:
          f"{r.speedup:.1f}x", f"{r.max_rel_err:.1e}"]
         for r in results
     ]
+    return markdown_table(head, rows)
+
+
+def markdown_table(head: List[str], rows: List[List[str]]) -> str:
+    """A Markdown table with padded columns (readable as plain text too)."""
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

@@ -22,6 +22,14 @@ def _bench(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    if args.step:
+        return _bench_steps(args, device)
+    text_methods = ("coop", "cocoop")
+    if args.method and any(m not in text_methods for m in args.method):
+        other = [m for m in args.method if m not in text_methods]
+        print(f"error: the text-side bench covers coop and cocoop; time {', '.join(other)} with --step "
+              "(a whole training step)", file=sys.stderr)
+        return 2
     if args.preset == "issue":
         cases = [BenchCase("coop", 1000), BenchCase("cocoop", 100, batch=8, dataset="caltech101")]
     elif args.method:
@@ -188,14 +196,54 @@ def _datasets(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _bench_steps(args: argparse.Namespace, device: str) -> int:
+    """``fastprompt bench --step``: whole training steps of any CLIP learner, reference vs fast, same run."""
+    import fastprompt
+    from fastprompt.bench_step import format_step_table, run_step_case, step_results_json
+
+    if args.preset != "default":
+        print("error: --preset applies to the text-side bench, not to --step", file=sys.stderr)
+        return 2
+    if args.dtype not in ("fp32", "bf16", "fp16"):
+        print(f"error: --step runs an fp32 model, with autocast for bf16/fp16; --dtype {args.dtype} is not a step "
+              "precision", file=sys.stderr)
+        return 2
+    methods = args.method or ["coop", "cocoop"]
+    names = fastprompt.load_classnames(args.dataset)
+    if args.classes > len(names):
+        print(f"error: {args.dataset} has {len(names)} classes, asked for {args.classes}", file=sys.stderr)
+        return 2
+    model, _, tokenizer = fastprompt.load_clip("ViT-B-16", pretrained=None)
+    print(f"fastprompt bench --step: ViT-B-16 (random weights), whole training step (loss, backward, SGD step), "
+          f"{device}, {args.dtype}")
+    results = []
+    for method in methods:
+        print(f"running {method} C={args.classes} B={args.batch} ...", flush=True)
+        results.append(run_step_case(method, model, tokenizer, names[: args.classes], args.batch, device,
+                                     args.dtype, args.repeats, args.warmup, tasks=args.tasks))
+    print(format_step_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(step_results_json(results))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fastprompt.bench_step import STEP_METHODS
+
     parser = argparse.ArgumentParser(prog="fastprompt", description="Exact, fast prompt tuning for CLIP models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="reference vs fast text side, same run (default: ~1 min on a 2-core CPU)")
-    bench.add_argument("--method", action="append", choices=["coop", "cocoop"], help="repeatable; default: both")
+    bench.add_argument("--method", action="append", choices=list(STEP_METHODS),
+                       help="repeatable; default: coop and cocoop. Methods other than coop/cocoop need --step")
+    bench.add_argument("--step", action="store_true",
+                       help="time a whole training step (image tower, text side, loss, backward, SGD step) of any "
+                            "CLIP learner instead of the text side alone")
     bench.add_argument("--classes", type=int, default=100, help="number of classes (first C names of --dataset)")
-    bench.add_argument("--batch", type=int, default=8, help="images per batch (CoCoOp)")
+    bench.add_argument("--batch", type=int, default=8, help="images per batch (CoCoOp; every method with --step)")
+    bench.add_argument("--tasks", type=int, default=2, help="softcpt --step: the classes read as this many tasks")
     bench.add_argument("--dataset", default="imagenet", help="shipped class list to take names from")
     bench.add_argument("--n-ctx", type=int, default=None, help="context length M (default: the method's)")
     bench.add_argument("--preset", choices=["default", "issue"], default="default",

@@ -89,11 +89,14 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     return payload
 
 
+# The TrainConfig fields that define what a run computes (not where or how fast it runs).
+RUN_SETTING_KEYS = ("method", "model", "pretrained", "dataset", "shots", "seed", "subsample", "epochs", "batch_size",
+                    "lr", "momentum", "weight_decay", "warmup_epoch", "warmup_lr", "warmup_type", "lr_scheduler",
+                    "lr_batch_scaling", "precision", "grad_clip", "learner")
+
+
 def check_compatible(path: str, payload: Dict[str, Any], learner, train_config: Optional[Dict[str, Any]] = None,
-                     keys=("method", "model", "pretrained", "dataset", "shots", "seed", "subsample", "epochs",
-                           "batch_size", "lr", "momentum", "weight_decay", "warmup_epoch", "warmup_lr",
-                           "warmup_type", "lr_scheduler", "lr_batch_scaling", "precision", "grad_clip",
-                           "learner")) -> None:
+                     keys=RUN_SETTING_KEYS) -> None:
     """Raise :class:`CheckpointError` unless ``payload`` was written by the same method, learner config, class
     names, tensor shapes and (when given) the same run settings ``keys`` of ``train_config``."""
     import dataclasses

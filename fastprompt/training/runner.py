@@ -181,6 +181,34 @@ def eval_run(run_dir: str, datasets: Sequence[str], root: str, subsample: str = 
     return {"rows": rows, "results": results, "paths": paths}
 
 
+def _finished_base2new_run(run_cfg: TrainConfig) -> Optional[Dict[str, Any]]:
+    """The summary row of a base-to-new run that already finished with the same settings, or None.
+
+    A finished run has its run config, base results and new results on disk. Reusing them is what ``--resume``
+    promises: an interrupted sweep goes on where it stopped instead of re-evaluating every finished seed. A run
+    directory whose stored settings differ is not reused; training it again then fails on its checkpoint with
+    the list of differing settings.
+    """
+    from fastprompt.training.checkpoint import RUN_SETTING_KEYS
+
+    paths = [os.path.join(run_cfg.output_dir, name) for name in (RUN_CONFIG, RESULTS, "results_new.json")]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    try:
+        stored = read_run_config(run_cfg.output_dir).to_dict()
+        with open(paths[1]) as f:
+            base = json.load(f)
+        with open(paths[2]) as f:
+            new = json.load(f)
+        base_acc, new_acc = float(base["accuracy"]), float(new["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # damaged or partial results: train/evaluate again (the checkpoint decides what resumes)
+    wanted = resolve_defaults(run_cfg.validate()).to_dict()
+    if any(stored.get(k) != wanted.get(k) for k in RUN_SETTING_KEYS):
+        return None
+    return {"dataset": run_cfg.dataset, "seed": int(run_cfg.seed), "base": base_acc, "new": new_acc, "reused": True}
+
+
 def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int], resume: bool = False) -> Dict[str, Any]:
     """The base-to-new protocol: per dataset and seed, train on the base classes (16 shots by default), test
     on base, then rebuild the prompts for the new classes and test on new. Summary (per dataset and the
@@ -195,6 +223,11 @@ def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int]
         for seed in seeds:
             run_cfg = dataclasses.replace(cfg, dataset=name, seed=int(seed), subsample="base",
                                           output_dir=os.path.join(root_out, name, f"seed{seed}"))
+            if resume:
+                reused = _finished_base2new_run(run_cfg)
+                if reused is not None:
+                    runs.append(reused)
+                    continue
             result, learner, preprocess = train_run(run_cfg, resume=resume)
             if not dist_info().is_main:
                 continue

@@ -77,6 +77,34 @@ def test_resume_via_cli(env, tmp_path):
     assert main(argv + ["--resume"]) == 0  # resuming a finished run re-evaluates it
 
 
+def test_base2new_resume_reuses_finished_runs(env, tmp_path, monkeypatch):
+    """An interrupted sweep resumed with --resume skips the seeds that finished (their stored results are
+    used as they are) and trains only the rest; a finished seed with other settings is not reused."""
+    import fastprompt.training.runner as runner
+
+    base, model, root = env
+    out = tmp_path / "b2n"
+    argv = ["base2new", "--method", "coop", "--dataset", "caltech101", "--epochs", "1", "--batch-size", "2",
+            "--output-dir", str(out)] + _common(model, root)
+    assert main(argv + ["--seeds", "1"]) == 0
+    first = json.loads((out / "base2new.json").read_text())["runs"][0]
+
+    trained = []
+    real_train_run = runner.train_run
+    monkeypatch.setattr(runner, "train_run", lambda cfg, **kw: trained.append(cfg.seed) or real_train_run(cfg, **kw))
+    assert main(argv + ["--seeds", "1", "2", "--resume"]) == 0
+    assert trained == [2]  # seed 1 finished before: not trained or evaluated again
+    runs = json.loads((out / "base2new.json").read_text())["runs"]
+    assert [(r["seed"], r.get("reused", False)) for r in runs] == [(1, True), (2, False)]
+    assert (runs[0]["base"], runs[0]["new"]) == (first["base"], first["new"])
+
+    # Other settings in the same directory: not reused; the checkpoint then refuses with the difference.
+    trained.clear()
+    assert main(argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]
+                + ["--seeds", "1", "--resume"]) == 2
+    assert trained == [1]
+
+
 def test_bad_inputs_are_clear_errors(env, tmp_path, capsys):
     base, model, root = env
     out = tmp_path / "out"
