@@ -252,7 +252,17 @@ class VPTClassifier(nn.Module):
     # forward and the trainable parameters), assigned rather than inherited: this is not a PromptLearner.
     loss = PromptLearner.loss  # softmax cross-entropy
     compute_loss = PromptLearner.compute_loss  # -> (loss [], logits [B, num_classes])
-    param_groups = PromptLearner.param_groups
+    def param_groups(self, lr: float):
+        """Optimizer groups at base learning rate ``lr``: every trainable tensor at the optimizer's weight decay,
+        except the head's bias, which VPT's (and VAPT's) ``make_optimizer`` keeps out of weight decay ("no
+        regularization for last layer's bias"; its SGD branch, i.e. whenever WEIGHT_DECAY > 0)."""
+        bias = self.head.bias
+        rest = [p for p in self.parameters() if p.requires_grad and p is not bias]
+        groups = [{"params": rest, "lr": lr}]
+        if bias is not None and bias.requires_grad:
+            groups.append({"params": [bias], "lr": lr, "weight_decay": 0.0})
+        return groups
+
     on_epoch_end = PromptLearner.on_epoch_end  # nothing to do at epoch ends
     attach_train_data = PromptLearner.attach_train_data  # not used by VPT / VAPT
 

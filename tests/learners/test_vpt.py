@@ -131,6 +131,23 @@ def test_timm_classifier_interface_and_roundtrip(tmp_path):
         clf.backend = "fastest"
 
 
+def test_timm_head_bias_has_no_weight_decay():
+    """VPT/VAPT ``make_optimizer`` (SGD with WEIGHT_DECAY > 0): the head's bias is not decayed, every other
+    trainable tensor is; checked on an SGD step with zero gradients, where only decay moves a tensor."""
+    clf = VPTClassifier.from_timm(toy_timm(dtype=torch.float32, depth=2), 4, num_tokens=2, deep=True)
+    groups = clf.param_groups(0.5)
+    assert [g.get("weight_decay") for g in groups] == [None, 0.0] and groups[1]["params"] == [clf.head.bias]
+    before = {n: p.detach().clone() for n, p in clf.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(groups, lr=0.5, weight_decay=0.1)
+    for p in clf.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    after = dict(clf.named_parameters())
+    for name, old in before.items():
+        expected = old if name == "head.bias" else old * (1 - 0.5 * 0.1)
+        assert torch.allclose(after[name].detach(), expected, rtol=1e-6, atol=0), name
+
+
 def test_clip_save_and_load(tmp_path, tiny_model):
     learner = fastprompt.create_learner("vpt", tiny_model, NAMES, num_tokens=2, deep=True)
     learner.save_pretrained(str(tmp_path))
