@@ -51,6 +51,30 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _version_of(package: str):
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:  # not installed
+        return None
+
+
+def _nvidia_driver():
+    """The NVIDIA driver version from nvidia-smi, or None without one."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _ROWS:
         return
@@ -59,6 +83,9 @@ def pytest_terminal_summary(terminalreporter):
     if path:
         meta = {
             "torch": torch.__version__,
+            "triton": _version_of("triton"),
+            "cuda": torch.version.cuda,
+            "driver": _nvidia_driver(),
             "python": platform.python_version(),
             "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
             "machine": platform.platform(),

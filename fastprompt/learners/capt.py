@@ -5,21 +5,38 @@ A plug-in over a base learner (coop, kgcoop, prograd, or dept = KgCoOp + DePT, w
 * **Textual class information (TCI):** per class, the frozen CLIP ``encode_text`` of the dataset's hand-crafted
   template (CoOp's ``CUSTOM_TEMPLATES``, "{} texture." for DTD), *not* normalised. Computed once per class list
   (``set_classnames`` recomputes it for new classes, as the official per-subsample cache does).
-* **Conditioning MLP:** ``offset_c = up(dropout(leaky_relu(down(scale * TCI_c))))``, E -> H -> D, LeakyReLU slope
-  0.01; the official initialisation draws weights and biases from U(-1/sqrt(out), 1/sqrt(out)) (not PyTorch's
-  default). The offset is added to every context token of class c: one context per class.
+* **Conditioning network** (``TRAINER.UCP.MODULE``, official ``UnifiedClassSpecificPromptLearner.unified_transfer``
+  in ``trainers/ucp_trainers/ucp_base.py``), applied to ``x = scale * TCI`` [C, E] -> offsets [C, D]; the offset of
+  class c is added to every context token of class c (one context per class). Three choices:
+
+  - ``"mlp"`` (default; ``MultiLayerPerceptron``): ``up(dropout(leaky_relu(down(x))))``, E -> H -> D, LeakyReLU
+    slope 0.01, dropout only in training. Both layers are the repository's own ``Linear`` (weight stored [in, out],
+    ``x @ W + b``), initialised U(-1/sqrt(out), 1/sqrt(out)) for weight *and* bias (not PyTorch's default).
+    Parameters: E*H + H + H*D + D (ViT-B/16, H = 32: 33,312; H = 64: 66,112).
+  - ``"linear"`` (``Linear``): one layer ``x @ W + b``, E -> D, the same U(+-1/sqrt(out)) init; no activation,
+    no dropout (DROPOUT and HIDDEN_DIM are ignored, as officially). Parameters: E*D + D (ViT-B/16: 262,656).
+  - ``"attn"`` (``Attention``, ``share_kv=False``): single-head self-attention *across the classes*: every class's
+    TCI is one token, ``q, k, v = x Wq^T + bq, x Wk^T + bk, x Wv^T + bv`` (three ``torch.nn.Linear`` E -> D with
+    PyTorch's default init, i.e. U(+-1/sqrt(in)) for weight and bias), ``offsets = softmax(q k^T / sqrt(D)) v``
+    with the softmax over the C classes of the current class list. No residual, no normalisation, no output
+    projection, no mask, no dropout. Parameters: 3 (E*D + D) (ViT-B/16: 787,968). The offset of class c depends
+    on every class in the list, so ``set_classnames`` (base -> new) gives new offsets even for a class in both
+    lists, as the official code does by building its model on the new class list.
 * **Margin-ITM loss** (``fastprompt.losses.margin_itm_loss``) replaces the base's cross-entropy on the ITM
   logits, with S = cos-similarity of the TCI vectors; the base's other terms stay (KgCoOp's knowledge guidance,
-  DePT's CAT head, ProGrad's projection over all trainable tensors including the MLP).
+  DePT's CAT head, ProGrad's projection over all trainable tensors including the conditioning network).
 
 Fast path: the C per-class contexts run through the engine's diagonal pairs (c, c) with the offsets as the
-per-group shift (packed, truncated; no 77-token padding), and the MLP runs on the fused ``condition`` op (its
-CaPT form) whenever dropout is inactive (eval, or dropout = 0); with active dropout the MLP runs eagerly.
+per-group shift (packed, truncated; no 77-token padding). The MLP runs on the fused ``condition`` op (its CaPT
+form) whenever dropout is inactive (eval, or dropout = 0; with active dropout it runs eagerly), the linear module on
+the op's one-layer form; the attention (C x C scores, a few MFLOP even for 1000 classes) stays plain torch.
 
 Official defaults differ per base (``CAPT_DEFAULTS``, spec §6.5); options left at None take them.
 
-Deliberate differences: the MLP's output width is the context width D (the official code uses the projection
-width, equal to D for every CLIP it supports); only the "mlp" module and the "clip" TCI mode are implemented.
+Deliberate differences: the module's output width is the context width D (the official code uses the projection
+width, equal to D for every CLIP it supports); weights are stored in ``nn.Linear``'s [out, in] layout (the official
+``Linear`` stores [in, out]; same function, same init bounds); only the "clip" TCI mode is implemented, and
+``scale <= 0`` (the official learnable gate, broken by a typo there) is not.
 """
 from __future__ import annotations
 
@@ -43,6 +60,7 @@ from fastprompt.ops.condition import condition
 from fastprompt.templates import CUSTOM_TEMPLATES, format_prompts, template_for
 
 SUPPORTED_BASES = ("coop", "kgcoop", "prograd", "dapt", "dept")
+MODULES = ("mlp", "linear", "attn")  # TRAINER.UCP.MODULE
 
 # Official per-baseline settings (Koorye/CaPT configs/trainers/UCP*/ and train.py defaults).
 CAPT_DEFAULTS: Dict[str, Dict[str, Any]] = {
@@ -78,9 +96,10 @@ class CaPTConfig:
     base_config: Dict[str, Any] = field(default_factory=dict)  # over BASE_DEFAULTS[base]
     dataset: str = ""  # picks the TCI template (CUSTOM_TEMPLATES); passed down to bases that take a dataset
     template: Optional[str] = None  # overrides the TCI template
-    hidden_dim: Optional[int] = None  # HIDDEN_DIM (32; DeCaPT 64)
-    dropout: Optional[float] = None  # DROPOUT (0.1; with KgCoOp 0.0)
-    scale: Optional[float] = None  # SCALE on the TCI before the MLP (CoOp 0.5, DeCaPT 0.9, else 1.0)
+    module: str = "mlp"  # MODULE: "mlp" | "linear" | "attn" (the conditioning network, see the module docstring)
+    hidden_dim: Optional[int] = None  # HIDDEN_DIM (32; DeCaPT 64); "mlp" only
+    dropout: Optional[float] = None  # DROPOUT (0.1; with KgCoOp 0.0); "mlp" only
+    scale: Optional[float] = None  # SCALE on the TCI before the module (CoOp 0.5, DeCaPT 0.9, else 1.0)
     smooth: Optional[float] = None  # LOSS.SMOOTH, the margin epsilon (0.0031; KgCoOp 0.001; DeCaPT 0.0008)
     use_sim: bool = True  # LOSS.USE_SIM: S = TCI cosine similarities (False: all ones)
     backend: Optional[str] = None
@@ -93,31 +112,91 @@ class DeCaPTConfig(CaPTConfig):
     base: str = "dept"
 
 
+def _official_linear(in_dim: int, out_dim: int, dtype, device) -> nn.Linear:
+    """[out, in] ``nn.Linear`` initialised as CaPT's own ``ucp_base.Linear``: weight and bias ~ U(+-1/sqrt(out))."""
+    lin = nn.Linear(in_dim, out_dim, device=device, dtype=dtype)
+    with torch.no_grad():
+        bound = 1.0 / math.sqrt(out_dim)  # official: 1/sqrt(weight.size(1)) with the weight stored [in, out]
+        lin.weight.uniform_(-bound, bound)
+        lin.bias.uniform_(-bound, bound)
+    return lin
+
+
 class ConditionMLP(nn.Module):
-    """CaPT's meta-net ``E -> H -> D``: ``up(dropout(leaky_relu(down(scale * x))))`` with the official init."""
+    """MODULE "mlp" (``ucp_base.MultiLayerPerceptron``): x [C, E] -> ``up(dropout(leaky_relu(down(scale * x))))``
+    [C, D]. ``down`` [H, E] + [H], ``up`` [D, H] + [D], official U(+-1/sqrt(out)) init; E*H + H + H*D + D params."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float, dtype, device):
         super().__init__()
-        self.down = nn.Linear(in_dim, hidden).to(device=device, dtype=dtype)
-        self.up = nn.Linear(hidden, out_dim).to(device=device, dtype=dtype)
+        self.down = _official_linear(in_dim, hidden, dtype, device)
+        self.up = _official_linear(hidden, out_dim, dtype, device)
         self.dropout = dropout
-        with torch.no_grad():
-            for lin in (self.down, self.up):  # U(+-1/sqrt(out_features)) for weight and bias (ucp_base.Linear)
-                bound = 1.0 / math.sqrt(lin.out_features)
-                lin.weight.uniform_(-bound, bound)
-                lin.bias.uniform_(-bound, bound)
 
     def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         h = F.leaky_relu(self.down(x * scale), 0.01)
         h = F.dropout(h, self.dropout, self.training)
         return self.up(h)
 
+    def fast(self, x: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+        """Same function on the fused ``condition`` op; eager while dropout is active (its mask is torch's RNG)."""
+        if self.training and self.dropout > 0:
+            return self(x, scale)
+        d, u = self.down, self.up
+        return condition(x, d.weight, d.bias, u.weight, u.bias, "leaky_relu", 0.01, scale, backend=backend, strict=False)
+
+
+class ConditionLinear(nn.Module):
+    """MODULE "linear" (``ucp_base.Linear``): x [C, E] -> ``proj(scale * x)`` [C, D]. ``proj`` [D, E] + [D],
+    official U(+-1/sqrt(out)) init; E*D + D params. No activation, no dropout."""
+
+    def __init__(self, in_dim: int, out_dim: int, dtype, device):
+        super().__init__()
+        self.proj = _official_linear(in_dim, out_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.proj(x * scale)
+
+    def fast(self, x: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+        """The ``condition`` op's one-layer form ``(scale * x) @ W^T + b`` (scale fused into the matmul)."""
+        return condition(x, self.proj.weight, self.proj.bias, None, None, "none", 0.01, scale, backend=backend, strict=False)
+
+
+class ClassAttention(nn.Module):
+    """MODULE "attn" (``ucp_base.Attention``, ``share_kv=False``): single-head self-attention whose tokens are
+    the C classes. x [C, E] -> [C, D]::
+
+        z = scale * x;  q, k, v = q_proj(z), k_proj(z), v_proj(z)        # each [C, D]
+        out = softmax(q @ k^T / sqrt(D), dim=-1) @ v                       # softmax over the C classes
+
+    ``q_proj``, ``k_proj``, ``v_proj``: ``nn.Linear(E, D)`` with PyTorch's default init (U(+-1/sqrt(E)) for
+    weight and bias; the official module uses ``nn.Linear`` here, not its custom ``Linear``); 3 (E*D + D) params.
+    No residual, norm, output projection, mask or dropout. ``k_proj.bias`` is a dead parameter, as officially: it
+    adds ``q_c . b_k`` to every score of row c, which the softmax cancels, so its gradient is exactly zero.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, dtype, device):
+        super().__init__()
+        self.q_proj = nn.Linear(in_dim, out_dim, device=device, dtype=dtype)
+        self.k_proj = nn.Linear(in_dim, out_dim, device=device, dtype=dtype)
+        self.v_proj = nn.Linear(in_dim, out_dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        z = x * scale
+        q, k, v = self.q_proj(z), self.k_proj(z), self.v_proj(z)
+        attn = torch.softmax((q @ k.t()) / math.sqrt(k.shape[1]), dim=-1)  # [C, C]: class c attends to all classes
+        return attn @ v
+
+    def fast(self, x: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+        # A [C, C] score matrix of a few MFLOP (C = 1000, D = 512) does not pay for a kernel: plain torch.
+        return self(x, scale)
+
 
 @register_learner("capt")
 class CaPT(PromptLearner):
     """CaPT over ``config.base``. ``forward(images) -> logits [B, C]``; ``compute_loss`` uses margin-ITM.
 
-    Trainable: the base's tensors (``base.*``) and ``mlp.down`` [H, E] + [H], ``mlp.up`` [D, H] + [D].
+    Trainable: the base's tensors (``base.*``) and the conditioning network ``transfer``: "mlp": ``down`` [H, E] +
+    [H], ``up`` [D, H] + [D]; "linear": ``proj`` [D, E] + [D]; "attn": ``q_proj``, ``k_proj``, ``v_proj`` [D, E] + [D].
     Buffers: ``class_info`` [C, E] (TCI, unnormalised), ``class_sim`` [C, C].
     """
 
@@ -130,6 +209,8 @@ class CaPT(PromptLearner):
             raise ValueError(f"CaPT does not support base learner {config.base!r}; choose one of {', '.join(SUPPORTED_BASES)}")
         if not isinstance(config.base_config, dict):
             raise TypeError(f"base_config must be a dict of the base learner's options, got {type(config.base_config).__name__}")
+        if config.module not in MODULES:
+            raise ValueError(f"unknown CaPT module {config.module!r}; choose one of {', '.join(MODULES)}")
         if config.template is not None and "{}" not in config.template:
             raise ValueError(f"template {config.template!r} has no '{{}}' slot for the class name")
         resolved = {k: (getattr(config, k) if getattr(config, k) is not None else v) for k, v in CAPT_DEFAULTS[config.base].items()}
@@ -148,7 +229,13 @@ class CaPT(PromptLearner):
         self.config = replace(self.config, base_config=resolved_config(self.base))
         device = self.tower.token_embedding.weight.device
         in_dim = int(self.clip.visual.output_dim)
-        self.mlp = ConditionMLP(in_dim, config.hidden_dim, self.tower.width, config.dropout, self.dtype, device)
+        out_dim = self.tower.width  # the context width (the official clip_dim; equal for every official CLIP)
+        if config.module == "mlp":
+            self.transfer = ConditionMLP(in_dim, config.hidden_dim, out_dim, config.dropout, self.dtype, device)
+        elif config.module == "linear":
+            self.transfer = ConditionLinear(in_dim, out_dim, self.dtype, device)
+        else:
+            self.transfer = ClassAttention(in_dim, out_dim, self.dtype, device)
         self.set_classnames(names)
 
     @property
@@ -176,13 +263,13 @@ class CaPT(PromptLearner):
 
     # ------------------------------------------------------------------ the class offsets
     def class_offsets(self) -> torch.Tensor:
-        """[C, D] per-class context offsets ``MLP(scale * TCI)``."""
-        mlp, scale = self.mlp, float(self.config.scale)
-        x = self.class_info.to(mlp.down.weight.dtype)
-        if self.uses_reference or (mlp.training and mlp.dropout > 0):
-            return mlp(x, scale)
-        d, u = mlp.down, mlp.up
-        return condition(x, d.weight, d.bias, u.weight, u.bias, "leaky_relu", 0.01, scale, backend=self.op_backend, strict=False)
+        """[C, D] per-class context offsets ``transfer(scale * TCI)`` over the current class list (for "attn"
+        every offset depends on all C classes)."""
+        net, scale = self.transfer, float(self.config.scale)
+        x = self.class_info.to(next(net.parameters()).dtype)
+        if self.uses_reference:
+            return net(x, scale)
+        return net.fast(x, scale, self.op_backend)
 
     # ------------------------------------------------------------------ plug-in protocol (see _family.py)
     image_conditional = False
@@ -217,9 +304,14 @@ class CaPT(PromptLearner):
         return self.loss_from_features(v, self.class_text_features(v), labels)
 
     def param_groups(self, lr: float):
-        """The base's groups (DeCaPT: head and FiLM at lr x 18) plus the MLP at ``lr`` (it is part of the
+        """The base's groups (DeCaPT: head and FiLM at lr x 18) plus the conditioning network at ``lr`` (it is part of the
         official prompt learner, outside the staged "new layers")."""
-        return self.base.param_groups(lr) + [{"params": list(self.mlp.parameters()), "lr": lr}]
+        return self.base.param_groups(lr) + [{"params": list(self.transfer.parameters()), "lr": lr}]
+
+    def load_trainable_state_dict(self, tensors: Dict[str, torch.Tensor]) -> None:
+        """As the base class; adapters saved before the modules were added name the MLP ``mlp.*``."""
+        tensors = {("transfer." + k[4:] if k.startswith("mlp.") else k): v for k, v in tensors.items()}
+        super().load_trainable_state_dict(tensors)
 
 
 @register_learner("decapt")

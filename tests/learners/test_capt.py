@@ -88,7 +88,7 @@ def test_capt_tci_offsets_and_new_classes():
     assert learner.base.template == "a photo of a {}, a type of texture."
     assert rel_err(learner.class_sim, F.cosine_similarity(tci[:, None], tci[None], dim=-1)) < 1e-14
     # Offsets MLP(scale * TCI) are non-zero at init and added to every context token of their class.
-    mlp = learner.mlp
+    mlp = learner.transfer
     expected = F.linear(F.leaky_relu(F.linear(1.0 * tci, mlp.down.weight, mlp.down.bias), 0.01), mlp.up.weight, mlp.up.bias)
     offsets = learner.class_offsets()
     assert rel_err(offsets, expected) < 1e-14 and offsets.norm() > 0
@@ -111,14 +111,14 @@ def test_capt_tci_offsets_and_new_classes():
 def test_capt_init_and_parameter_counts_on_vit_b16():
     model, _, tokenizer = fastprompt.load_clip("ViT-B-16", pretrained=None)
     learner = fastprompt.create_learner("capt", model, ["dog", "cat"], tokenizer=tokenizer)
-    mlp_params = sum(p.numel() for p in learner.mlp.parameters())
+    mlp_params = sum(p.numel() for p in learner.transfer.parameters())
     assert mlp_params == 33_312  # 512*32 + 32 + 32*512 + 512 (spec §6.3)
     assert learner.num_trainable_parameters() == 2_048 + 33_312  # + CoOp's 4 x 512 context
     # Official init: U(+-1/sqrt(out_features)) for weights and biases.
-    assert float(learner.mlp.down.weight.abs().max()) <= 1 / math.sqrt(32) and float(learner.mlp.down.weight.abs().max()) > 0.9 / math.sqrt(32)
-    assert float(learner.mlp.up.weight.abs().max()) <= 1 / math.sqrt(512) and float(learner.mlp.up.bias.abs().max()) <= 1 / math.sqrt(512)
+    assert float(learner.transfer.down.weight.abs().max()) <= 1 / math.sqrt(32) and float(learner.transfer.down.weight.abs().max()) > 0.9 / math.sqrt(32)
+    assert float(learner.transfer.up.weight.abs().max()) <= 1 / math.sqrt(512) and float(learner.transfer.up.bias.abs().max()) <= 1 / math.sqrt(512)
     decapt = fastprompt.create_learner("decapt", model, ["dog", "cat"], tokenizer=tokenizer)
-    assert sum(p.numel() for p in decapt.mlp.parameters()) == 66_112
+    assert sum(p.numel() for p in decapt.transfer.parameters()) == 66_112
     # DeCaPT: + 4x512 ctx + 2 FiLM x 2 x 512 + linear head 512*2 + 2.
     assert decapt.num_trainable_parameters() == 66_112 + 2_048 + 2_048 + 1_026
 
