@@ -182,6 +182,15 @@ def forward_load_training_state_dict(self, state) -> None:
         loader(state)
 
 
+def _base_state_includes_train_data(self) -> bool:
+    return bool(getattr(self.base, "training_state_includes_train_data", False))
+
+
+# ``training_state_includes_train_data`` of a plug-in: its base's (DAPT's prototypes come back from the checkpoint,
+# so a resumed CaPT-over-DAPT run must not rebuild them from the images either).
+forward_includes_train_data = property(_base_state_includes_train_data)
+
+
 def forwarding_backend() -> property:
     """A ``backend`` property for plug-ins: setting it sets the wrapped base learner's backend too."""
 

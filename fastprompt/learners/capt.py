@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from fastprompt.classplan import clean_classnames
 from fastprompt.learners._common import PromptLearner, config_from
 from fastprompt.learners._family import (
-    build_base, forward_attach_train_data, forward_load_training_state_dict, forward_on_epoch_end,
-    forward_training_state_dict, forwarding_backend, resolved_config, with_dataset,
+    build_base, forward_attach_train_data, forward_includes_train_data, forward_load_training_state_dict,
+    forward_on_epoch_end, forward_training_state_dict, forwarding_backend, resolved_config, with_dataset,
 )
 from fastprompt.learners.registry import register_learner
 from fastprompt.losses import MarginITMLoss, class_similarity
@@ -248,6 +248,7 @@ class CaPT(PromptLearner):
     attach_train_data = forward_attach_train_data
     training_state_dict = forward_training_state_dict
     load_training_state_dict = forward_load_training_state_dict
+    training_state_includes_train_data = forward_includes_train_data
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Switch the class list: the base's class parts, the TCI and the similarity matrix are rebuilt."""

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from fastprompt.classplan import clean_classnames
 from fastprompt.learners._common import PromptLearner, config_from
 from fastprompt.learners._family import (
-    build_base, forward_attach_train_data, forward_load_training_state_dict, forward_on_epoch_end,
-    forward_training_state_dict, forwarding_backend, resolved_config,
+    build_base, forward_attach_train_data, forward_includes_train_data, forward_load_training_state_dict,
+    forward_on_epoch_end, forward_training_state_dict, forwarding_backend, resolved_config,
 )
 from fastprompt.learners.registry import register_learner
 
@@ -111,6 +111,7 @@ class DePT(PromptLearner):
     attach_train_data = forward_attach_train_data
     training_state_dict = forward_training_state_dict
     load_training_state_dict = forward_load_training_state_dict
+    training_state_includes_train_data = forward_includes_train_data
 
     # ------------------------------------------------------------------ classes
     def set_classnames(self, classnames: Sequence[str], use_head: Optional[bool] = None) -> None:

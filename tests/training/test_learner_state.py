@@ -105,36 +105,47 @@ def synthetic_splits(tmp_path_factory):
     return build_dataset("caltech101", str(root), shots=2, seed=1)
 
 
-def _fit_dapt(directory, splits, seed=0, stop=None, resume=False, calls=None):
+DAPT_TOKENS = {"vis_num_tokens": 2, "txt_num_tokens": 2}
+# DAPT alone, and CaPT over DAPT (a plug-in: its base's prototypes go through the forwarded resume state).
+DAPT_SETUPS = {"dapt": ("dapt", DAPT_TOKENS), "capt-over-dapt": ("capt", {"base": "dapt", "base_config": DAPT_TOKENS})}
+
+
+def _dapt_of(learner):
+    return learner if learner.method == "dapt" else learner.base
+
+
+def _fit_dapt(directory, splits, seed=0, stop=None, resume=False, calls=None, setup="dapt"):
     from tests.conftest import tiny_clip
 
+    method, options = DAPT_SETUPS[setup]
     torch.manual_seed(seed)
-    learner = fastprompt.create_learner("dapt", tiny_clip(), splits.classnames, vis_num_tokens=2, txt_num_tokens=2)
+    learner = fastprompt.create_learner(method, tiny_clip(), splits.classnames, config=dict(options))
     if calls is not None:
         attach = learner.attach_train_data
         learner.attach_train_data = lambda data: calls.append(1) or attach(data)
     data = NoisyTensorDataset(len(splits.train_x), len(splits.classnames))
-    Trainer(learner, data, train_config(method="dapt", epochs=3, batch_size=2), output_dir=str(directory),
+    Trainer(learner, data, train_config(method=method, epochs=3, batch_size=2), output_dir=str(directory),
             splits=splits).fit(resume=resume, stop_after_epoch=stop)
     return learner
 
 
-def test_dapt_prototypes_are_checkpointed(tmp_path, synthetic_splits):
-    full = _fit_dapt(tmp_path / "full", synthetic_splits)
-    _fit_dapt(tmp_path / "cut", synthetic_splits, stop=1)
+@pytest.mark.parametrize("setup", list(DAPT_SETUPS))
+def test_dapt_prototypes_are_checkpointed(tmp_path, synthetic_splits, setup):
+    full = _fit_dapt(tmp_path / "full", synthetic_splits, setup=setup)
+    _fit_dapt(tmp_path / "cut", synthetic_splits, stop=1, setup=setup)
     payload = load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
-    assert torch.equal(payload["learner_extra"]["prototypes"], full.prototypes)
+    assert torch.equal(payload["learner_extra"]["prototypes"], _dapt_of(full).prototypes)
     # Resume in a fresh process whose prototypes would come out different if they were recomputed: the
     # checkpoint's are used and attach_train_data is not called again.
     with torch.no_grad():
         payload["learner_extra"]["prototypes"] += 0.25  # a marker only the checkpoint can carry
     save_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"), payload)
     calls = []
-    resumed = _fit_dapt(tmp_path / "cut", synthetic_splits, seed=5, resume=True, calls=calls)
-    assert calls == [] and torch.equal(resumed.prototypes, payload["learner_extra"]["prototypes"])
+    resumed = _fit_dapt(tmp_path / "cut", synthetic_splits, seed=5, resume=True, calls=calls, setup=setup)
+    assert calls == [] and torch.equal(_dapt_of(resumed).prototypes, payload["learner_extra"]["prototypes"])
     # and an untouched checkpoint resumes to exactly the uninterrupted run
-    _fit_dapt(tmp_path / "cut2", synthetic_splits, stop=1)
-    again = _fit_dapt(tmp_path / "cut2", synthetic_splits, seed=5, resume=True)
+    _fit_dapt(tmp_path / "cut2", synthetic_splits, stop=1, setup=setup)
+    again = _fit_dapt(tmp_path / "cut2", synthetic_splits, seed=5, resume=True, setup=setup)
     a, b = full.trainable_state_dict(), again.trainable_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
