@@ -17,9 +17,36 @@ logging.getLogger().setLevel(logging.ERROR)
 _ROWS = []
 
 
+_META = None
+
+
 def record(row: dict) -> None:
-    """Keep one result row for the end-of-session table (and $FASTPROMPT_BENCH_JSON)."""
+    """Keep one result row for the end-of-session table, and rewrite $FASTPROMPT_BENCH_JSON with every row so
+    far: a run killed by a time limit keeps what it measured."""
     _ROWS.append(row)
+    _write_json()
+
+
+def _write_json():
+    global _META
+    path = os.environ.get("FASTPROMPT_BENCH_JSON")
+    if not path:
+        return None
+    if _META is None:
+        _META = {
+            "torch": torch.__version__,
+            "triton": _version_of("triton"),
+            "cuda": torch.version.cuda,
+            "driver": _nvidia_driver(),
+            "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
+            "machine": platform.platform(),
+        }
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": _META, "rows": _ROWS}, f, indent=2, default=str)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous complete file
+    return path
 
 
 def median_ms(fn, device: torch.device, rounds: int) -> float:
@@ -79,19 +106,8 @@ def pytest_terminal_summary(terminalreporter):
     if not _ROWS:
         return
     # The JSON first: a printing problem must never lose a long run's results.
-    path = os.environ.get("FASTPROMPT_BENCH_JSON")
+    path = _write_json()
     if path:
-        meta = {
-            "torch": torch.__version__,
-            "triton": _version_of("triton"),
-            "cuda": torch.version.cuda,
-            "driver": _nvidia_driver(),
-            "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
-            "machine": platform.platform(),
-        }
-        with open(path, "w") as f:
-            json.dump({"meta": meta, "rows": _ROWS}, f, indent=2, default=str)
         terminalreporter.write_line(f"wrote {path}")
     terminalreporter.write_sep("=", "fastprompt: reference vs fast (same run)")
     keys = None

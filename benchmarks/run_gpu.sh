@@ -16,7 +16,8 @@
 #
 # Results go to $OUT (default ./gpu_out): one log per step, steps.tsv (step, exit status, seconds),
 # junit-gpu.xml, bench.json. The device tool kills a command after 600 s, so the default limits add up to less
-# than that; override with T_SETUP / T_ENV / T_TESTS / T_BENCH (seconds). BENCH_FILES (default "benchmarks")
+# than that; override with T_SETUP / T_ENV / T_TESTS / T_BENCH (seconds). BENCH_FILES (default: every
+# benchmarks/test_bench_*.py, text_floor and training_step first)
 # and TEST_ARGS / BENCH_ARGS (extra pytest arguments) narrow a run.
 set -uo pipefail
 
@@ -29,7 +30,11 @@ T_SETUP=${T_SETUP:-240}
 T_ENV=${T_ENV:-30}
 T_TESTS=${T_TESTS:-150}
 T_BENCH=${T_BENCH:-150}
-BENCH_FILES=${BENCH_FILES:-benchmarks}
+# The GPU issues' own measurements first (text engine vs its floor, whole training steps), then the rest: a run cut
+# short by its time limit keeps those (bench.json is rewritten after every row).
+PRIORITY_BENCH="benchmarks/test_bench_text_floor.py benchmarks/test_bench_training_step.py"
+OTHER_BENCH=$(ls benchmarks/test_bench_*.py | grep -v -e test_bench_text_floor -e test_bench_training_step | tr '\n' ' ')
+BENCH_FILES=${BENCH_FILES:-$PRIORITY_BENCH $OTHER_BENCH}
 TEST_ARGS=${TEST_ARGS:-}
 BENCH_ARGS=${BENCH_ARGS:-}
 

@@ -29,6 +29,10 @@ SETUPS: Dict[str, Tuple[Dict[str, Any], bool]] = {
     "maple": ({"prompt_depth": 2}, False),
     "ivlp": ({"prompt_depth_text": 2, "prompt_depth_vision": 2}, False),
     "promptsrc": ({"n_ctx_text": 2, "n_ctx_vision": 2, "prompt_depth_text": 2, "prompt_depth_vision": 2}, False),
+    # PromptKD's teacher: a PromptSRC built on the student's own toy CLIP (the real one is a trained ViT-L/14)
+    "promptkd": ({"n_ctx_vision": 2, "prompt_depth_vision": 2, "teacher_clip": "student",
+                  "teacher_config": {"n_ctx_text": 2, "n_ctx_vision": 2, "prompt_depth_text": 2, "prompt_depth_vision": 2}},
+                 False),
     "dapt": ({"vis_num_tokens": 2, "txt_num_tokens": 2}, True),
     "dpc": ({"top_k": 2, "seed": 0, "backbone_config": {"n_ctx": 2}}, True),
     "vpt": ({"num_tokens": 2, "deep": True}, False),

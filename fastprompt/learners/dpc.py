@@ -11,7 +11,15 @@ over the expanded batch [B', B']. Inference decouples the weights:
   Base classes use P'; since SGD and weight decay act on M, P' effectively trains at lr / w_b^2 with decay
   pulling M (not P') to zero, exactly as the released code.
 * ``mode="paper"``: P' itself is trained (``parallel.*``); base classes use w_b P' + (1 - w_b) P.
-* New classes (both modes): w_n P' + (1 - w_n) P (official: the same, through M and the de-mix).
+* ``mode="simple"`` (released ``STACK.MODE simple``, not used by the shipped configs): the trainable ``mixed.*``
+  M (= P at the start) is used directly by the forward, i.e. continued fine-tuning of P with the DHNO loss;
+  base classes use M; new classes reconstruct P' = (M - (1 - w_b) P) / w_b and use w_n P' + (1 - w_n) P.
+* ``mode="void"`` (released ``STACK.MODE void``, ``train.py``'s default): no stacking at all. The released
+  prompt learner does not load P into the trained tensor: it is *freshly initialised* as the backbone
+  initialises it (CoOp: the ``ctx_init`` words or N(0, 0.02)) and used directly (``parallel.*``, = V); base
+  classes use V. ``load_model`` still mixes for new classes (it only special-cases ``simple``), so new classes
+  use w_n V + (1 - w_n) P (= P at the default w_n = 0).
+* New classes (official / paper): w_n P' + (1 - w_n) P (official: the same, through M and the de-mix).
 
 Exactness: the fast path encodes only the classes the loss needs (the unique labels of the expanded batch),
 caches the frozen backbone's class features used for scoring, and reuses the scoring image features of the B
@@ -40,7 +48,7 @@ from fastprompt.learners._hard_negatives import FALLBACK_RANGES, ImageLibrary, d
 from fastprompt.learners.coop import CoOp
 from fastprompt.learners.registry import create_learner, register_learner
 
-MODES = ("official", "paper")
+MODES = ("official", "paper", "simple", "void")
 
 
 @dataclass
@@ -53,7 +61,7 @@ class DPCConfig:
 
     backbone: str = "coop"  # the stage-1 method
     backbone_config: Dict[str, Any] = field(default_factory=dict)
-    mode: str = "official"  # "official" (released code) | "paper"
+    mode: str = "official"  # "official" (released converse) | "paper" | "simple" | "void" (released modes)
     base_weight: float = 0.5  # w_b, SPLE.STACK.WEIGHT
     new_weight: float = 0.0  # w_n, SPLE.STACK.WEIGHT_FOR_NEW
     top_k: int = 8  # SPLE.INFER_TOPK
@@ -154,7 +162,7 @@ class _GenericHooks:
 class DPC(PromptLearner):
     """DPC over a tuned backbone. ``forward(images) -> logits [B, C]`` with the prompt of the current split;
     ``compute_loss(images, labels) -> (DHNO loss, contrastive logits [B', B'])``. Trainable: ``mixed.*``
-    (official) or ``parallel.*`` (paper), one tensor per backbone prompt tensor."""
+    (official, simple) or ``parallel.*`` (paper, void), one tensor per backbone prompt tensor."""
 
     method = "dpc"
     config_class = DPCConfig
@@ -186,9 +194,12 @@ class DPC(PromptLearner):
             raise ValueError(f"backbone {config.backbone!r} has no trainable prompt tensors to clone")
         for p in self.backbone.parameters():
             p.requires_grad_(False)  # P: the frozen tuned prompt (and inference head)
-        # SPLE_INIT: P' starts equal to P; in official mode the stored M = w_b P + (1 - w_b) P is P too.
-        store = nn.ParameterDict({_key(n): nn.Parameter(named[n].detach().clone()) for n in self.prompt_names})
-        self.store_name = "mixed" if config.mode == "official" else "parallel"
+        # SPLE_INIT: P' starts equal to P; in official / simple mode the stored M = w_b P + (1 - w_b) P is P too.
+        # void: the released learner never loads P into the trained tensor; it starts from the backbone's own
+        # initialisation (a fresh backbone of the same config, drawn from the current torch RNG).
+        init = named if config.mode != "void" else dict(_fresh_backbone(self.backbone).named_parameters())
+        store = nn.ParameterDict({_key(n): nn.Parameter(init[n].detach().clone()) for n in self.prompt_names})
+        self.store_name = "mixed" if config.mode in ("official", "simple") else "parallel"
         setattr(self, self.store_name, store)
         self.hooks = _CoOpHooks(self.backbone) if isinstance(self.backbone, CoOp) else _GenericHooks(self.backbone)
         self.rng = random.Random(config.seed)
@@ -239,9 +250,10 @@ class DPC(PromptLearner):
         return {n: named[n] for n in self.prompt_names}
 
     def parallel_prompts(self) -> Dict[str, torch.Tensor]:
-        """P' (with autograd): the trained parameter (paper) or de-mixed from M (official)."""
+        """The prompt the DHNO loss trains (with autograd): de-mixed P' = (M - (1 - w_b) P) / w_b (official),
+        or the trained tensor itself (paper: P'; simple: M; void: V)."""
         store = getattr(self, self.store_name)
-        if self.config.mode == "paper":
+        if self.config.mode != "official":
             return {n: store[_key(n)] for n in self.prompt_names}
         P, w = self.tuned_prompts(), self.config.base_weight
         # The released forward: (ctx - (1 - w) * P) * (1 / w), in the tensors' own dtype.
@@ -254,7 +266,7 @@ class DPC(PromptLearner):
             raise ValueError(f"split must be 'base' or 'new', got {split!r}")
         P, cfg = self.tuned_prompts(), self.config
         if split == "base":
-            if cfg.mode == "official":
+            if cfg.mode != "paper":  # official: P'; simple: M; void: V (each what the forward uses)
                 return self.parallel_prompts()
             Pp, w = self.parallel_prompts(), cfg.base_weight
             return {n: w * Pp[n] + (1 - w) * P[n] for n in self.prompt_names}
@@ -267,7 +279,12 @@ class DPC(PromptLearner):
                 ctx = wn * store[_key(n)] + (1 - wn) * P[n]
                 out[n] = (ctx - (1 - w) * P[n]) * (1 / w)
             return out
-        Pp = self.parallel_prompts()
+        if cfg.mode == "simple":
+            # load_model reconstructs P' = (M - (1 - w_b) P) / w_b, mixes w_n P' + (1 - w_n) P, and the simple
+            # forward uses that ctx as it is.
+            store, w = getattr(self, self.store_name), cfg.base_weight
+            return {n: wn * ((store[_key(n)] - (1 - w) * P[n]) * (1 / w)) + (1 - wn) * P[n] for n in self.prompt_names}
+        Pp = self.parallel_prompts()  # paper: P'; void: V
         return {n: wn * Pp[n] + (1 - wn) * P[n] for n in self.prompt_names}
 
     # ------------------------------------------------------------------ classes
@@ -420,6 +437,11 @@ class DPC(PromptLearner):
                 P[n].copy_(v)
         super().load_trainable_state_dict({k: v for k, v in tensors.items() if not k.startswith("tuned.")})
         self._text_cache = self._head_cache = None
+
+
+def _fresh_backbone(backbone: PromptLearner) -> PromptLearner:
+    """A newly initialised learner of the backbone's method and config (``void`` mode's starting point)."""
+    return type(backbone)(backbone.clip, backbone.classnames, config=backbone.config, tokenizer=backbone.tokenizer)
 
 
 def _key(name: str) -> str:

@@ -67,6 +67,9 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "ivlp": {"epochs": 5, "batch_size": 4, "lr": 0.0035},  # IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml
     "promptsrc": {"epochs": 20, "batch_size": 4, "lr": 0.0025},
     "dpc": {"epochs": 20, "batch_size": 4, "lr": 0.002},
+    # PromptKD/vit_b16_c2_ep20_batch8_4+4ctx.yaml (trains on the unlabelled images of all classes; the
+    # scripts pass NUM_SHOTS 0, i.e. the full training set, and KD_WEIGHT 1000 / T 1, the learner's defaults)
+    "promptkd": {"epochs": 20, "batch_size": 8, "lr": 0.005},
     "softcpt": {"epochs": 50, "batch_size": 32, "lr": 0.002},
     # DAPT: few-shot (subsample "all") from DAPT's repo; base-to-new (subsample base/new) from CaPT's DAPT
     # baseline (UCPDAPT: batch 4, lr 0.0035, 10 epochs, the learner's default betas), spec §6.5.

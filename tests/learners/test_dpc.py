@@ -146,6 +146,65 @@ def test_modes_use_the_specified_prompts():
     assert rel_err(off(x), pap(x)) <= 1e-12
 
 
+def test_simple_and_void_modes_use_the_specified_prompts():
+    """STACK.MODE simple: M is trained and used as it is (base), new classes de-mix M and mix with w_n.
+    void: a freshly initialised V (the backbone's own init, not P) used as it is; new classes mix it with P."""
+    wb, wn = 0.25, 0.3
+    backbone, sim = _pair("simple", wb, wn)
+    P = backbone.ctx.detach()
+    assert sim.store_name == "mixed" and torch.equal(sim.mixed["ctx"], P)  # SPLE_INIT: M starts at P
+    M = P + 0.1 * torch.randn_like(P)
+    with torch.no_grad():
+        sim.mixed["ctx"].copy_(M)
+    assert torch.equal(sim.parallel_prompts()["ctx"], sim.mixed["ctx"])  # the forward uses M directly
+    assert rel_err(sim.inference_prompts("base")["ctx"], M) <= 1e-14
+    assert rel_err(sim.inference_prompts("new")["ctx"], wn * (M - (1 - wb) * P) / wb + (1 - wn) * P) <= 1e-14
+    # void: V starts from a fresh CoOp init (the same RNG draw as a new CoOp), not from P
+    torch.manual_seed(11)
+    model = tiny_clip()
+    torch.manual_seed(7)
+    backbone = fastprompt.create_learner("coop", model, NAMES[:5], n_ctx=3)
+    torch.manual_seed(3)
+    void = DPC(model, NAMES[:5], backbone_learner=backbone, mode="void", base_weight=wb, new_weight=wn, top_k=2, seed=0)
+    torch.manual_seed(3)
+    fresh = fastprompt.create_learner("coop", model, NAMES[:5], n_ctx=3)  # the same draw as void's init
+    P = backbone.ctx.detach()
+    V = void.parallel["ctx"]
+    assert void.store_name == "parallel" and not torch.equal(V, P)
+    assert torch.equal(V.detach(), fresh.ctx.detach())
+    assert torch.equal(void.parallel_prompts()["ctx"], V)
+    assert torch.equal(void.inference_prompts("base")["ctx"], V)
+    assert rel_err(void.inference_prompts("new")["ctx"], wn * V + (1 - wn) * P) <= 1e-14
+    # logits are CoOp's with exactly those contexts
+    x = images(2)
+    ref = fastprompt.create_learner("coop", backbone.clip, NAMES[:5], n_ctx=3)
+    for dpc, ctx in ((sim, M), (void, V)):
+        with torch.no_grad():
+            ref.ctx.copy_(ctx)
+        assert rel_err(dpc(x), ref(x)) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", ["simple", "void"])
+def test_simple_void_fast_equals_reference(mode):
+    backbone = fastprompt.create_learner("coop", tiny_clip(), NAMES, n_ctx=3)
+    dpc = DPC.from_tuned(backbone, mode=mode, top_k=3, base_weight=0.3, new_weight=0.4, seed=0)
+    dpc.set_library(library(len(NAMES)))
+    perturb(dpc)
+    assert_dpc_equivalent(dpc, images(4), torch.tensor([0, 2, 2, 5]))
+    # the DHNO gradient reaches the trained tensor unscaled (no de-mix in the forward)
+    batch = dpc.build_batch(images(2), torch.tensor([1, 3]))
+    loss, _ = dpc.contrastive_loss(batch)
+    store = getattr(dpc, dpc.store_name)["ctx"]
+    (g,) = torch.autograd.grad(loss, [store])
+    dpc2 = DPC.from_tuned(backbone, mode="paper", top_k=3, seed=0)
+    with torch.no_grad():
+        dpc2.parallel["ctx"].copy_(store)
+    dpc2.set_library(library(len(NAMES)))
+    dpc2.backend = dpc.backend
+    (g2,) = torch.autograd.grad(dpc2.contrastive_loss(batch)[0], [dpc2.parallel["ctx"]])
+    assert rel_err(g, g2) <= TOL
+
+
 def test_official_mode_is_sgd_on_the_mixed_tensor():
     """The gradient w.r.t. M is (1/w_b) grad_P', and one SGD step with weight decay moves P' by
     -(lr / w_b^2) grad_P' - (lr * wd / w_b) M (the lr scaling and the decay on M of the released code)."""
@@ -217,7 +276,7 @@ def test_errors():
     with pytest.raises(ValueError, match="top_k=8 is larger than the number of training classes"):
         DPC.from_tuned(coop)  # the default K=8 with 3 base classes (EuroSAT-like)
     with pytest.raises(ValueError, match="mode"):
-        DPC.from_tuned(coop, top_k=2, mode="simple")
+        DPC.from_tuned(coop, top_k=2, mode="loop")
     with pytest.raises(ValueError, match="base_weight"):
         DPC.from_tuned(coop, top_k=2, base_weight=0.0)
     dpc = DPC.from_tuned(coop, top_k=2)
