@@ -153,9 +153,11 @@ def _base2new(args: argparse.Namespace) -> int:
 
     from fastprompt.training.runner import base2new_run
 
+    from fastprompt.training.config import base2new_protocol
+
     cfg = _train_config(args)
     if args.shots is None and "DATASET.NUM_SHOTS" not in (args.opts or []):
-        cfg = dataclasses.replace(cfg, shots=16)
+        cfg = dataclasses.replace(cfg, shots=base2new_protocol(cfg.method)["shots"])
     out = base2new_run(cfg, args.dataset, args.seeds, resume=args.resume)
     if out:
         from fastprompt.training.report import markdown_table

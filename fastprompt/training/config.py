@@ -69,7 +69,9 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "dpc": {"epochs": 20, "batch_size": 4, "lr": 0.002},
     # PromptKD/vit_b16_c2_ep20_batch8_4+4ctx.yaml (trains on the unlabelled images of all classes; the
     # scripts pass NUM_SHOTS 0, i.e. the full training set, and KD_WEIGHT 1000 / T 1, the learner's defaults)
-    "promptkd": {"epochs": 20, "batch_size": 8, "lr": 0.005},
+    # KD_WEIGHT 200 for FGVCAircraft and Flowers102 (scripts/promptkd/base2new_train.sh).
+    "promptkd": {"epochs": 20, "batch_size": 8, "lr": 0.005,
+                 "learner_by_dataset": {"fgvc_aircraft": {"kd_weight": 200.0}, "oxford_flowers": {"kd_weight": 200.0}}},
     "softcpt": {"epochs": 50, "batch_size": 32, "lr": 0.002},
     # DAPT: few-shot (subsample "all") from DAPT's repo; base-to-new (subsample base/new) from CaPT's DAPT
     # baseline (UCPDAPT: batch 4, lr 0.0035, 10 epochs, the learner's default betas), spec §6.5.
@@ -79,6 +81,19 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "vapt": dict(VPT_OPTIM, batch_size=64),  # VAPT configs/base-prompt.yaml and README (spec §3.4)
 }
 GENERIC = {"epochs": 10, "batch_size": 32, "lr": 0.002}
+
+
+# How a method's base-to-new run trains before it is tested on the base and the new classes. The CoOp protocol:
+# 16 shots of the base classes. PromptKD distils on the unlabelled training images of *all* classes (its
+# base2new script passes NUM_SHOTS 0, i.e. every image, and no SUBSAMPLE_CLASSES).
+BASE2NEW_PROTOCOL: Dict[str, Dict[str, Any]] = {"promptkd": {"train_subsample": "all", "shots": -1}}
+DEFAULT_BASE2NEW = {"train_subsample": "base", "shots": 16}
+
+
+def base2new_protocol(method: str) -> Dict[str, Any]:
+    """``{"train_subsample", "shots"}`` of ``method``'s base-to-new training run (shots: the default when the user
+    gives none)."""
+    return dict(DEFAULT_BASE2NEW, **BASE2NEW_PROTOCOL.get(method, {}))
 
 
 def method_defaults(method: str, dataset: str = "", subsample: str = "all") -> Dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from fastprompt.training.config import TrainConfig, resolve_defaults
+from fastprompt.training.config import TrainConfig, base2new_protocol, resolve_defaults
 from fastprompt.training.data import DatumDataset, test_transform, train_transform
 from fastprompt.training.distributed import dist_info, init_distributed
 from fastprompt.training.evaluate import evaluate, summarize_base2new, summarize_cross_dataset
@@ -191,7 +191,7 @@ def _finished_base2new_run(run_cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     """
     from fastprompt.training.checkpoint import RUN_SETTING_KEYS
 
-    paths = [os.path.join(run_cfg.output_dir, name) for name in (RUN_CONFIG, RESULTS, "results_new.json")]
+    paths = [os.path.join(run_cfg.output_dir, name) for name in (RUN_CONFIG, "results_base.json", "results_new.json")]
     if not all(os.path.isfile(p) for p in paths):
         return None
     try:
@@ -210,18 +210,20 @@ def _finished_base2new_run(run_cfg: TrainConfig) -> Optional[Dict[str, Any]]:
 
 
 def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int], resume: bool = False) -> Dict[str, Any]:
-    """The base-to-new protocol: per dataset and seed, train on the base classes (16 shots by default), test
-    on base, then rebuild the prompts for the new classes and test on new. Summary (per dataset and the
+    """The base-to-new protocol: per dataset and seed, train on the base classes (16 shots by default; PromptKD:
+    the unlabelled images of all classes, :func:`~fastprompt.training.config.base2new_protocol`), test on base,
+    then rebuild the class-dependent parts for the new classes and test on new. Summary (per dataset and the
     average, H = HM of averaged B and N) in ``base2new.{json,csv,md,png}`` under ``cfg.output_dir``."""
     if not datasets:
         raise ValueError("base2new needs at least one --dataset")
     if not seeds:
         raise ValueError("base2new needs at least one seed")
     root_out = cfg.output_dir
+    protocol = base2new_protocol(cfg.method)
     runs: List[Dict[str, Any]] = []
     for name in datasets:
         for seed in seeds:
-            run_cfg = dataclasses.replace(cfg, dataset=name, seed=int(seed), subsample="base",
+            run_cfg = dataclasses.replace(cfg, dataset=name, seed=int(seed), subsample=protocol["train_subsample"],
                                           output_dir=os.path.join(root_out, name, f"seed{seed}"))
             if resume:
                 reused = _finished_base2new_run(run_cfg)
@@ -231,11 +233,17 @@ def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int]
             result, learner, preprocess = train_run(run_cfg, resume=resume)
             if not dist_info().is_main:
                 continue
-            new_cfg = dataclasses.replace(resolve_defaults(run_cfg), subsample="new")
-            new_splits = load_splits(name, run_cfg.root, run_cfg.shots, run_cfg.seed, "new")
-            new = evaluate_split(learner, new_splits, new_cfg, preprocess, "test")
-            write_json(os.path.join(run_cfg.output_dir, "results_new.json"), new)
-            runs.append({"dataset": name, "seed": int(seed), "base": result["accuracy"], "new": new["accuracy"]})
+            accuracy = {}
+            for part in ("base", "new"):
+                if part == run_cfg.subsample:  # trained on base: train_run already tested on the base classes
+                    tested = result["test"]
+                else:
+                    part_cfg = dataclasses.replace(resolve_defaults(run_cfg), subsample=part)
+                    splits = load_splits(name, run_cfg.root, run_cfg.shots, run_cfg.seed, part)
+                    tested = evaluate_split(learner, splits, part_cfg, preprocess, "test")
+                write_json(os.path.join(run_cfg.output_dir, f"results_{part}.json"), tested)
+                accuracy[part] = tested["accuracy"]
+            runs.append({"dataset": name, "seed": int(seed), "base": accuracy["base"], "new": accuracy["new"]})
     if not dist_info().is_main:
         return {}
     rows = summarize_base2new(runs)

@@ -25,9 +25,10 @@ def env(tmp_path_factory):
     return base, str(model), str(root)
 
 
-def _common(model, root):
-    return ["--model", model, "--pretrained", "none", "--root", root, "--shots", "2", "--device", "cpu",
-            "--num-workers", "0", "--no-progress"]
+def _common(model, root, shots=2):
+    """The options every run here shares (``shots=None``: the command's default)."""
+    return (["--model", model, "--pretrained", "none", "--root", root, "--device", "cpu", "--num-workers", "0",
+             "--no-progress"] + ([] if shots is None else ["--shots", str(shots)]))
 
 
 def test_train_eval_base2new(env, tmp_path):
@@ -103,6 +104,33 @@ def test_base2new_resume_reuses_finished_runs(env, tmp_path, monkeypatch):
     assert main(argv[:argv.index("--epochs") + 1] + ["2"] + argv[argv.index("--epochs") + 2:]
                 + ["--seeds", "1", "--resume"]) == 2
     assert trained == [1]
+
+
+def test_promptkd_two_stage_base2new(env, tmp_path):
+    """Stage 1 trains a PromptSRC teacher; stage 2 distils it with PromptKD's base-to-new protocol: training on
+    the unlabelled images of all classes (every image: shots -1), then testing on base and on new."""
+    base, model, root = env
+    teacher = tmp_path / "teacher"
+    depth = ["--opts", "TRAINER.PROMPTSRC.PROMPT_DEPTH_TEXT", "1", "TRAINER.PROMPTSRC.PROMPT_DEPTH_VISION", "1"]
+    assert main(["train", "--method", "promptsrc", "--dataset", "caltech101", "--epochs", "1", "--batch-size", "2",
+                 "--output-dir", str(teacher)] + _common(model, root) + depth) == 0
+    out = tmp_path / "kd"
+    argv = ["base2new", "--method", "promptkd", "--dataset", "caltech101", "--seeds", "1", "--epochs", "1",
+            "--batch-size", "2", "--output-dir", str(out)] + _common(model, root, shots=None)  # protocol default
+    argv += ["--opts", "TRAINER.PROMPTKD.TEACHER_DIR", str(teacher / "adapter"), "TRAINER.PROMPTKD.PROMPT_DEPTH_VISION", "1"]
+    assert main(argv) == 0
+    run = out / "caltech101" / "seed1"
+    cfg = json.loads((run / "run_config.json").read_text())
+    assert (cfg["subsample"], cfg["shots"], cfg["method"]) == ("all", -1, "promptkd")
+    start = json.loads((run / "log.jsonl").read_text().splitlines()[0])
+    from fastprompt.datasets import build_dataset
+
+    assert start["train_images"] == len(build_dataset("caltech101", root, shots=-1, seed=1).train_x)
+    base_res = json.loads((run / "results_base.json").read_text())
+    new_res = json.loads((run / "results_new.json").read_text())
+    assert (base_res["num_classes"], new_res["num_classes"]) == (2, 2)
+    run_row = json.loads((out / "base2new.json").read_text())["runs"][0]
+    assert (run_row["base"], run_row["new"]) == (base_res["accuracy"], new_res["accuracy"])
 
 
 def test_bad_inputs_are_clear_errors(env, tmp_path, capsys):

@@ -141,3 +141,17 @@ def test_vpt_keys_and_schedule_options():
         apply_opts(TrainConfig(method="coop"), ["OPTIM.LR_SCHEDULER", "step"]).validate()
     with pytest.raises(ValueError, match="not supported"):
         apply_opts(TrainConfig(method="vpt"), ["SOLVER.OPTIMIZER", "adamw"])
+
+
+def test_promptkd_protocol_and_per_dataset_kd_weight():
+    """PromptKD's base2new script: every image of all classes (NUM_SHOTS 0), KD_WEIGHT 200 on FGVCAircraft and
+    Flowers102, 1000 elsewhere (the learner's default); the CoOp protocol for everything else."""
+    from fastprompt.training.config import base2new_protocol, method_defaults
+
+    assert base2new_protocol("promptkd") == {"train_subsample": "all", "shots": -1}
+    assert base2new_protocol("coop") == {"train_subsample": "base", "shots": 16}
+    assert method_defaults("promptkd", "FGVCAircraft")["learner"] == {"kd_weight": 200.0}
+    assert method_defaults("promptkd", "oxford_flowers", "all")["learner"] == {"kd_weight": 200.0}
+    assert method_defaults("promptkd", "caltech101")["learner"] == {}
+    cfg = resolve_defaults(TrainConfig(method="promptkd", dataset="fgvc_aircraft", learner={"kd_weight": 5.0}))
+    assert cfg.learner == {"kd_weight": 5.0}  # the user's value wins
