@@ -26,6 +26,15 @@ caches the frozen backbone's class features used for scoring, and reuses the sco
 original images when the backbone's image side has no prompts (CoOp). The reference is the official order:
 score with the head, encode every class at 77 tokens and index, encode all B' images.
 
+PromptKD backbone (``sple_promptkd.py``, spec §1.5-1.6): the DPC prompts are the student's ``vpt`` /
+``vpt_deep.*`` / ``projector.*`` and the frozen teacher's text prompts (``teacher.prompts.ctx`` /
+``text_deep.*``); only the text ctx is de-mixed (official). ``official`` starts ``vpt_deep.*`` and
+``text_deep.*`` from N(0, 0.02) (the released list re-assignment does not load them; seeded with ``seed``),
+``paper`` clones everything. The teacher scores the batch (§1.5 step 1: its image and text features). The DPC
+model keeps its own projector BatchNorm statistics (``bn_stats``, updated by the loss in train mode). Base:
+logit_scale * (student(P') + projector) . (teacher text tower with P')^T; new: the w_n-mixed student (the
+head's BN statistics) against the teacher's frozen text features. Modes simple / void are not offered.
+
 Backbone hooks: a CoOp backbone is driven directly; any other learner must expose
 ``image_features(images) -> [B, E]`` and ``text_features(class_idx=None) -> [C or n, E]`` (optionally
 ``image_features_use_prompts = False``); its prompt tensors (its trainable parameters) are substituted with
@@ -34,7 +43,6 @@ Backbone hooks: a CoOp backbone is driven directly; any other learner must expos
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
@@ -45,7 +53,8 @@ import torch.nn.functional as F
 
 from fastprompt.learners._common import PromptLearner, config_from
 from fastprompt.learners._hard_negatives import FALLBACK_RANGES, ImageLibrary, default_train_transform, mine_hard_negatives
-from fastprompt.learners.coop import CoOp
+from fastprompt.learners._dpc_hooks import PromptKDHooks, make_hooks
+from fastprompt.learners.promptkd import PromptKD
 from fastprompt.learners.registry import create_learner, register_learner
 
 MODES = ("official", "paper", "simple", "void")
@@ -65,7 +74,9 @@ class DPCConfig:
     base_weight: float = 0.5  # w_b, SPLE.STACK.WEIGHT
     new_weight: float = 0.0  # w_n, SPLE.STACK.WEIGHT_FOR_NEW
     top_k: int = 8  # SPLE.INFER_TOPK
-    fallback: str = "coop"  # random fallback range: "coop" (1..C-2) or "promptkd" (1..C-1)
+    # random fallback range: "coop" (1..C-2) or "promptkd" (1..C-1); None = the backbone's released trainer
+    # (sple_promptkd.py for a PromptKD backbone, sple_coop.py otherwise)
+    fallback: Optional[str] = None
     seed: Optional[int] = None  # seed of the sampler's random source (fallback draws, image choice)
     backend: Optional[str] = None
 
@@ -83,79 +94,13 @@ class DPCBatch(NamedTuple):
     orig_features: torch.Tensor
 
 
-class _Call(nn.Module):
-    def __init__(self, module: nn.Module):
+class _Buffers(nn.Module):
+    """DPC's own copy of the projector's BatchNorm buffers (the released DPC model has its own projector)."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor]):
         super().__init__()
-        self.m = module
-
-    def forward(self, fn, *args):
-        return fn(*args)
-
-
-def _with_tensors(module: nn.Module, tensors: Dict[str, torch.Tensor], fn: Callable, *args):
-    """Call ``fn(*args)`` (a method of ``module``) with ``module``'s named tensors replaced (autograd flows
-    into the given tensors); the module's own parameters are untouched afterwards."""
-    from torch.func import functional_call
-
-    return functional_call(_Call(module), {f"m.{k}": v for k, v in tensors.items()}, (fn,) + args, strict=False)
-
-
-class _CoOpHooks:
-    """CoOp as a DPC backbone: frozen image tower; class features through the engine for any class subset."""
-
-    image_uses_prompts = False
-
-    def __init__(self, backbone: CoOp):
-        self.bb = backbone
-
-    def image_features(self, images, prompts):
-        return F.normalize(self.bb.encode_images(images), dim=-1)
-
-    def text_features(self, prompts, class_idx, reference: bool, op_backend: str):
-        bb, ctx = self.bb, prompts["ctx"]
-        if reference:  # the official path: every class at full length, then gather
-            feats = F.normalize(_with_tensors(bb, {"ctx": ctx}, bb._reference_text), dim=-1)
-            return feats if class_idx is None else feats[class_idx]
-        C = len(bb.classnames)
-        idx = torch.arange(C, device=ctx.device) if class_idx is None else class_idx.to(ctx.device)
-        n = idx.shape[0]
-        if bb.csc:  # one context per class: the needed contexts only, diagonal pairs
-            return bb.text.fast_features(ctx[idx], None, torch.arange(n, device=ctx.device), idx,
-                                         backend=op_backend, normalize=True)
-        g_idx = torch.zeros(n, dtype=torch.long, device=ctx.device)
-        return bb.text.fast_features(ctx.unsqueeze(0), None, g_idx, idx, backend=op_backend, normalize=True)
-
-
-class _GenericHooks:
-    """A backbone with ``image_features(images)`` / ``text_features(class_idx=None)`` (MaPLe, PromptSRC)."""
-
-    def __init__(self, backbone: PromptLearner):
-        for name in ("image_features", "text_features"):
-            if not callable(getattr(backbone, name, None)):
-                raise TypeError(
-                    f"DPC needs a backbone with image_features(images) and text_features(); "
-                    f"{type(backbone).__name__} has no {name}"
-                )
-        self.bb = backbone
-        self.image_uses_prompts = bool(getattr(backbone, "image_features_use_prompts", True))
-        self.takes_class_idx = "class_idx" in inspect.signature(backbone.text_features).parameters
-
-    def _call(self, prompts, fn, *args):
-        self.bb._text_cache = None  # its cache key does not see substituted tensors: never reuse it
-        try:
-            return _with_tensors(self.bb, prompts, fn, *args)
-        finally:
-            self.bb._text_cache = None
-
-    def image_features(self, images, prompts):
-        return F.normalize(self._call(prompts, self.bb.image_features, images), dim=-1)
-
-    def text_features(self, prompts, class_idx, reference: bool, op_backend: str):
-        if class_idx is not None and self.takes_class_idx and not reference:
-            feats = self._call(prompts, lambda: self.bb.text_features(class_idx=class_idx))
-            return F.normalize(feats, dim=-1)
-        feats = F.normalize(self._call(prompts, self.bb.text_features), dim=-1)
-        return feats if class_idx is None else feats[class_idx]
+        for k, v in tensors.items():
+            self.register_buffer(k, v.detach().clone())
 
 
 @register_learner("dpc")
@@ -174,6 +119,8 @@ class DPC(PromptLearner):
         if backbone_learner is not None:
             config = dataclasses.replace(config, backbone=backbone_learner.method,
                                          backbone_config=dataclasses.asdict(backbone_learner.config))
+        if config.fallback is None:
+            config = dataclasses.replace(config, fallback="promptkd" if config.backbone == "promptkd" else "coop")
         _check_config(config)
         super().__init__(clip_model, classnames, config, tokenizer)
         if backbone_learner is None:
@@ -189,19 +136,32 @@ class DPC(PromptLearner):
         self.backbone = backbone_learner
         self.backbone.backend = self.backend
         named = dict(self.backbone.named_parameters())
-        self.prompt_names = [n for n, p in named.items() if p.requires_grad]
+        self.hooks = make_hooks(self.backbone)  # before freezing: PromptKD's hooks read requires_grad
+        self.prompt_names = list(getattr(self.hooks, "prompt_names", None)
+                                 or [n for n, p in named.items() if p.requires_grad])
         if not self.prompt_names:
             raise ValueError(f"backbone {config.backbone!r} has no trainable prompt tensors to clone")
+        # the tensors the official forward de-mixes (PromptKD: the text ctx only; otherwise all of them)
+        self.demix_names = list(getattr(self.hooks, "demix_names", self.prompt_names))
         for p in self.backbone.parameters():
             p.requires_grad_(False)  # P: the frozen tuned prompt (and inference head)
         # SPLE_INIT: P' starts equal to P; in official / simple mode the stored M = w_b P + (1 - w_b) P is P too.
         # void: the released learner never loads P into the trained tensor; it starts from the backbone's own
         # initialisation (a fresh backbone of the same config, drawn from the current torch RNG).
-        init = named if config.mode != "void" else dict(_fresh_backbone(self.backbone).named_parameters())
+        if isinstance(self.hooks, PromptKDHooks):
+            if config.mode not in ("official", "paper"):
+                raise ValueError(f"DPC over PromptKD supports mode 'official' or 'paper', got {config.mode!r}")
+            init = dict(named)
+            if config.mode == "official":
+                init.update(_official_promptkd_fresh(self.backbone, self.hooks.fresh_in_official, config.seed))
+        else:
+            init = named if config.mode != "void" else dict(_fresh_backbone(self.backbone).named_parameters())
         store = nn.ParameterDict({_key(n): nn.Parameter(init[n].detach().clone()) for n in self.prompt_names})
         self.store_name = "mixed" if config.mode in ("official", "simple") else "parallel"
         setattr(self, self.store_name, store)
-        self.hooks = _CoOpHooks(self.backbone) if isinstance(self.backbone, CoOp) else _GenericHooks(self.backbone)
+        # PromptKD: the DPC model's projector keeps its own BatchNorm statistics (loaded from the backbone)
+        bn = {_key(n): b for n, b in self.backbone.named_buffers() if n in getattr(self.hooks, "buffer_names", ())}
+        self.bn_stats = _Buffers(bn) if bn else None
         self.rng = random.Random(config.seed)
         self.library = library
         self._transform, self._load_image = transform, load_image
@@ -213,17 +173,26 @@ class DPC(PromptLearner):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_tuned(cls, source, clip_model=None, classnames: Optional[Sequence[str]] = None, tokenizer=None,
-                   library: Optional[ImageLibrary] = None, **config):
+                   library: Optional[ImageLibrary] = None, teacher_clip: Optional[nn.Module] = None, **config):
         """Stage 2 from a stage-1 result: ``source`` is a directory written by ``save_pretrained`` (loaded
-        with ``fastprompt.from_pretrained``) or a learner (its tensors are copied; it is not modified)."""
+        with ``fastprompt.from_pretrained``) or a learner (its tensors are copied; it is not modified).
+        ``teacher_clip``: a saved PromptKD's teacher CLIP when it cannot be rebuilt by name."""
         if isinstance(source, PromptLearner):
             names = list(classnames) if classnames is not None else list(source.classnames)
-            backbone = type(source)(source.clip, names, config=source.config, tokenizer=source.tokenizer)
+            extra = {}
+            if isinstance(source, PromptKD):  # rebuild the teacher on the same CLIP; its tensors load below
+                extra = {"teacher_clip": source.teacher.clip, "teacher_tokenizer": source.teacher.tokenizer}
+            backbone = type(source)(source.clip, names, config=source.config, tokenizer=source.tokenizer, **extra)
             backbone.load_trainable_state_dict(source.trainable_state_dict())
         elif isinstance(source, str):
+            from fastprompt.learners._common import read_pretrained
             from fastprompt.learners.pretrained import from_pretrained
 
-            backbone = from_pretrained(source, clip_model=clip_model, classnames=classnames, tokenizer=tokenizer)
+            if teacher_clip is not None and read_pretrained(source).get("method") == PromptKD.method:
+                backbone = PromptKD.from_pretrained(source, clip_model, teacher_clip=teacher_clip,
+                                                    classnames=classnames, tokenizer=tokenizer)
+            else:
+                backbone = from_pretrained(source, clip_model=clip_model, classnames=classnames, tokenizer=tokenizer)
         else:
             raise TypeError(f"source must be a learner or a save_pretrained directory, got {type(source).__name__}")
         if isinstance(backbone, DPC):
@@ -256,8 +225,9 @@ class DPC(PromptLearner):
         if self.config.mode != "official":
             return {n: store[_key(n)] for n in self.prompt_names}
         P, w = self.tuned_prompts(), self.config.base_weight
-        # The released forward: (ctx - (1 - w) * P) * (1 / w), in the tensors' own dtype.
-        return {n: (store[_key(n)] - (1 - w) * P[n]) * (1 / w) for n in self.prompt_names}
+        # The released forward: (ctx - (1 - w) * P) * (1 / w), in the tensors' own dtype (de-mixed tensors only).
+        return {n: (store[_key(n)] - (1 - w) * P[n]) * (1 / w) if n in self.demix_names else store[_key(n)]
+                for n in self.prompt_names}
 
     def inference_prompts(self, split: Optional[str] = None) -> Dict[str, torch.Tensor]:
         """The prompt used to classify ``split`` ("base" or "new") classes (weighting-decoupling)."""
@@ -269,7 +239,7 @@ class DPC(PromptLearner):
             if cfg.mode != "paper":  # official: P'; simple: M; void: V (each what the forward uses)
                 return self.parallel_prompts()
             Pp, w = self.parallel_prompts(), cfg.base_weight
-            return {n: w * Pp[n] + (1 - w) * P[n] for n in self.prompt_names}
+            return {n: w * Pp[n] + (1 - w) * P[n] if n in self.demix_names else Pp[n] for n in self.prompt_names}
         wn = cfg.new_weight
         if cfg.mode == "official":
             # load_model writes w_n M + (1 - w_n) P into ctx; the forward then de-mixes it.
@@ -277,7 +247,7 @@ class DPC(PromptLearner):
             out = {}
             for n in self.prompt_names:
                 ctx = wn * store[_key(n)] + (1 - wn) * P[n]
-                out[n] = (ctx - (1 - w) * P[n]) * (1 / w)
+                out[n] = (ctx - (1 - w) * P[n]) * (1 / w) if n in self.demix_names else ctx
             return out
         if cfg.mode == "simple":
             # load_model reconstructs P' = (M - (1 - w_b) P) / w_b, mixes w_n P' + (1 - w_n) P, and the simple
@@ -286,6 +256,13 @@ class DPC(PromptLearner):
             return {n: wn * ((store[_key(n)] - (1 - w) * P[n]) * (1 / w)) + (1 - wn) * P[n] for n in self.prompt_names}
         Pp = self.parallel_prompts()  # paper: P'; void: V
         return {n: wn * Pp[n] + (1 - wn) * P[n] for n in self.prompt_names}
+
+    def bn_buffers(self) -> Dict[str, torch.Tensor]:
+        """{backbone buffer name: tensor}: the DPC model's own BatchNorm statistics (PromptKD's projector),
+        substituted into the student on the DPC forward; {} for backbones without them."""
+        if self.bn_stats is None:
+            return {}
+        return {n.replace("__", "."): b for n, b in self.bn_stats.named_buffers()}
 
     # ------------------------------------------------------------------ classes
     def set_classnames(self, classnames: Sequence[str], split: Optional[str] = None) -> None:
@@ -308,6 +285,8 @@ class DPC(PromptLearner):
     # ------------------------------------------------------------------ inference
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> logits [B, C] with the current split's prompt."""
+        if hasattr(self.hooks, "logits"):  # PromptKD: split-specific heads (spec §1.6, Evaluation)
+            return self.hooks.logits(self, images, self.split)
         prompts = self.inference_prompts()
         image_features = self.hooks.image_features(images, prompts)
         text = self.cached_text_features(lambda: self.text_features(prompts))
@@ -338,7 +317,13 @@ class DPC(PromptLearner):
         load_image = load_image or self._load_image
         if transform is None:
             size = getattr(self.clip.visual, "image_size", 224)
-            transform = default_train_transform(size[0] if isinstance(size, (tuple, list)) else int(size))
+            size = size[0] if isinstance(size, (tuple, list)) else int(size)
+            if isinstance(self.hooks, PromptKDHooks):  # sple_promptkd.py reads negatives with the test transform
+                from fastprompt.datasets.loader import clip_transforms
+
+                transform = clip_transforms(size, train=False)
+            else:
+                transform = default_train_transform(size)
         self.library = ImageLibrary.from_dataset(dataset, transform, load_image)
 
     def set_library(self, library) -> None:
@@ -364,8 +349,11 @@ class DPC(PromptLearner):
         labels = torch.as_tensor(labels, device=images.device).long()
         if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
             raise ValueError(f"labels must be [B={images.shape[0]}], got shape {tuple(labels.shape)}")
-        feats = self.hooks.image_features(images, self.tuned_prompts())
-        text = self._head_text()
+        if hasattr(self.hooks, "score_features"):  # PromptKD: the teacher scores (spec §1.5 step 1)
+            feats, text = self.hooks.score_features(images)
+        else:
+            feats = self.hooks.image_features(images, self.tuned_prompts())
+            text = self._head_text()
         scores = (100.0 * feats.to(text.dtype) @ text.t()).softmax(dim=-1)
         negatives, drawn = [], []
 
@@ -397,12 +385,13 @@ class DPC(PromptLearner):
         row j's label under P'."""
         prompts = self.parallel_prompts()
         labels = batch.labels
+        image_prompts = {**prompts, **self.bn_buffers()}  # PromptKD: the DPC projector's BN statistics
         if self.uses_reference:
-            image_features = self.hooks.image_features(batch.images, prompts)
+            image_features = self.hooks.image_features(batch.images, image_prompts)
             text = self.text_features(prompts)[labels]  # the official "feature filtering"
         else:
             if self.hooks.image_uses_prompts:
-                image_features = self.hooks.image_features(batch.images, prompts)
+                image_features = self.hooks.image_features(batch.images, image_prompts)
             else:  # prompt-free image tower: the head already encoded the originals
                 image_features = batch.orig_features.new_empty((labels.shape[0], batch.orig_features.shape[1]))
                 image_features[batch.orig_rows] = batch.orig_features
@@ -421,8 +410,13 @@ class DPC(PromptLearner):
 
     # ------------------------------------------------------------------ state (P travels with P')
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+        """``mixed.*`` / ``parallel.*``, P as ``tuned.*``; PromptKD also: the rest of the backbone's adapter
+        (``head.*``: teacher image prompts, the head's BN statistics) and DPC's own BN statistics (``buffers.*``)."""
         out = super().trainable_state_dict()
         out.update({f"tuned.{n}": t.detach() for n, t in self.tuned_prompts().items()})
+        if isinstance(self.hooks, PromptKDHooks):
+            out.update({f"head.{k}": v for k, v in self.backbone.trainable_state_dict().items() if k not in self.prompt_names})
+            out.update({f"buffers.{n}": b.detach() for n, b in self.bn_buffers().items()})
         return out
 
     def load_trainable_state_dict(self, tensors: Dict[str, torch.Tensor]) -> None:
@@ -430,13 +424,46 @@ class DPC(PromptLearner):
         if sorted(tuned) != sorted(self.prompt_names):
             raise ValueError(f"DPC adapter must hold tuned.{self.prompt_names}, got tuned.{sorted(tuned)}")
         P = self.tuned_prompts()
-        with torch.no_grad():
-            for n, v in tuned.items():
-                if P[n].shape != v.shape:
-                    raise ValueError(f"tuned.{n}: stored shape {tuple(v.shape)} != {tuple(P[n].shape)}")
-                P[n].copy_(v)
-        super().load_trainable_state_dict({k: v for k, v in tensors.items() if not k.startswith("tuned.")})
+        for n, v in tuned.items():
+            if P[n].shape != v.shape:
+                raise ValueError(f"tuned.{n}: stored shape {tuple(v.shape)} != {tuple(P[n].shape)}")
+        if isinstance(self.hooks, PromptKDHooks):
+            # the backbone is frozen here, so its own loader takes the teacher's tensors and the BN statistics
+            # (it checks their names and shapes); the student's P is copied directly
+            head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+            self.backbone.load_trainable_state_dict({**head, **{n: v for n, v in tuned.items() if n.startswith("teacher.")}})
+            with torch.no_grad():
+                for n, v in tuned.items():
+                    if not n.startswith("teacher."):
+                        P[n].copy_(v)
+            own = self.bn_buffers()
+            got = {k[len("buffers."):]: v for k, v in tensors.items() if k.startswith("buffers.")}
+            if sorted(got) != sorted(own):
+                raise ValueError(f"DPC adapter must hold buffers.{sorted(own)}, got buffers.{sorted(got)}")
+            with torch.no_grad():
+                for n, v in got.items():
+                    own[n].copy_(v)
+        else:
+            with torch.no_grad():
+                for n, v in tuned.items():
+                    P[n].copy_(v)
+        super().load_trainable_state_dict(
+            {k: v for k, v in tensors.items() if not k.startswith(("tuned.", "head.", "buffers."))})
         self._text_cache = self._head_cache = None
+
+
+def _official_promptkd_fresh(backbone, names: Sequence[str], seed: Optional[int]) -> Dict[str, torch.Tensor]:
+    """The released PromptKD+DPC start of the deep prompts that its list re-assignment fails to load: N(0, std^2)
+    (student ``init_std`` for ``vpt_deep.*``, the teacher's for its ``text_deep.*``), from a generator seeded
+    with ``seed`` (the global torch RNG when None)."""
+    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    named = dict(backbone.named_parameters())
+    out = {}
+    for n in names:
+        std = backbone.teacher.config.init_std if n.startswith("teacher.") else backbone.config.init_std
+        t = named[n]
+        out[n] = torch.empty(t.shape, dtype=t.dtype).normal_(0.0, float(std), generator=gen).to(t.device)
+    return out
 
 
 def _fresh_backbone(backbone: PromptLearner) -> PromptLearner:
