@@ -172,10 +172,10 @@ def _timed(step: TrainStep, repeats: int, warmup: int):
 
 def run_step_case(method: str, model, tokenizer, classnames: Sequence[str], batch: int, device="cpu",
                   precision: str = "fp32", repeats: int = 1, warmup: int = 1, fast_backend: str = "auto",
-                  tasks: int = 2) -> StepResult:
+                  tasks: int = 2, dataset: str = "imagenet") -> StepResult:
     """Reference vs fast training step of ``method`` (``batch`` images, the classes ``classnames``), same run.
 
-    ``precision``: "fp32" (no autocast) or "bf16" / "fp16" (autocast on an fp32 model, as the Trainer runs AMP).
+    ``dataset``: whose hand-crafted template KgCoOp / CaPT / ProGrad use. ``precision``: "fp32" (no autocast) or "bf16" / "fp16" (autocast on an fp32 model, as the Trainer runs AMP).
     The reference's first timed call doubles as its warm-up when ``warmup`` is 1 (seconds per step on a CPU).
     """
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -185,7 +185,7 @@ def run_step_case(method: str, model, tokenizer, classnames: Sequence[str], batc
         raise ValueError(f"batch must be >= 1, got {batch}")
     device = torch.device(device)
     model = model.to(device=device, dtype=torch.float32).eval()
-    learner = step_learner(method, model, tokenizer, classnames, device, tasks=tasks)
+    learner = step_learner(method, model, tokenizer, classnames, device, dataset=dataset, tasks=tasks)
     gen = torch.Generator().manual_seed(1)
     px = _image_size(model)
     images = torch.randn(batch, 3, px, px, generator=gen).to(device)

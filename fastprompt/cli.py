@@ -222,7 +222,7 @@ def _bench_steps(args: argparse.Namespace, device: str) -> int:
     for method in methods:
         print(f"running {method} C={args.classes} B={args.batch} ...", flush=True)
         results.append(run_step_case(method, model, tokenizer, names[: args.classes], args.batch, device,
-                                     args.dtype, args.repeats, args.warmup, tasks=args.tasks))
+                                     args.dtype, args.repeats, args.warmup, tasks=args.tasks, dataset=args.dataset))
     print(format_step_table(results))
     if args.json:
         with open(args.json, "w") as f:
