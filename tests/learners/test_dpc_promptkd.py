@@ -270,3 +270,29 @@ def test_state_round_trip_and_from_saved_promptkd(tmp_path):
     bad.pop("buffers.projector.1.running_var")
     with pytest.raises(ValueError, match="buffers"):
         again.load_trainable_state_dict(bad)
+
+
+def test_save_pretrained_and_generic_from_pretrained(tmp_path):
+    """With the teacher on the student's own CLIP (recorded as "student"), a saved DPC-over-PromptKD comes back
+    through the generic ``fastprompt.from_pretrained`` (backbone, teacher and all tensors rebuilt) and gives the
+    same base and new logits."""
+    import fastprompt
+    from tests.conftest import tiny_clip
+
+    clip = tiny_clip()
+    teacher = fastprompt.create_learner("promptsrc", clip, NAMES, n_ctx_text=2, n_ctx_vision=2,
+                                        prompt_depth_text=2, prompt_depth_vision=2)
+    kd = fastprompt.create_learner("promptkd", clip, NAMES, teacher=teacher, prompt_depth_vision=2)
+    assert kd.config.teacher_clip == "student"
+    dpc = DPC.from_tuned(kd, top_k=2, seed=0, base_weight=0.4, new_weight=0.3)
+    with torch.no_grad():
+        for p in dpc.mixed.values():
+            p.add_(0.03 * torch.randn_like(p))
+    dpc.save_pretrained(str(tmp_path / "dpc"))
+    back = fastprompt.from_pretrained(str(tmp_path / "dpc"), clip_model=clip)
+    dpc.eval(), back.eval()
+    x = images(2)
+    with torch.no_grad():
+        assert rel_err(back(x), dpc(x)) <= 1e-14
+        back.set_classnames(["horse", "zebra"]), dpc.set_classnames(["horse", "zebra"])
+        assert rel_err(back(x), dpc(x)) <= 1e-14
