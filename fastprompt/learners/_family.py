@@ -191,21 +191,29 @@ def _base_state_includes_train_data(self) -> bool:
 forward_includes_train_data = property(_base_state_includes_train_data)
 
 
-def forwarding_backend() -> property:
-    """A ``backend`` property for plug-ins: setting it sets the wrapped base learner's backend too."""
+def forwarding_backend(child: str = "base", clear: Sequence[str] = (), follow_child: bool = True) -> property:
+    """A ``backend`` property for learners that wrap another learner (submodule ``child``: a plug-in's ``base``,
+    DPC's ``backbone``, PromptKD's ``teacher``): setting it sets the child's backend too and drops the caches
+    named in ``clear`` (they were computed under the old backend).
+
+    ``follow_child``: when the child falls back (a tower the fast engine cannot run makes its "auto" the
+    reference), take its backend too; right when both run the same tower, not for a teacher on another CLIP.
+    """
 
     def fget(self) -> str:
         return PromptLearner.backend.fget(self)
 
     def fset(self, value: str) -> None:
         PromptLearner.backend.fset(self, value)
-        base = self._modules.get("base")
-        if base is not None:
-            base.backend = value
-            # A tower the fast engine cannot run makes "auto" fall back to the reference: keep both in step.
-            PromptLearner.backend.fset(self, base.backend)
+        wrapped = self._modules.get(child)
+        if wrapped is not None:
+            wrapped.backend = value
+            if follow_child:
+                PromptLearner.backend.fset(self, wrapped.backend)
+        for name in clear:
+            setattr(self, name, None)
 
-    return property(fget, fset, doc="Learner backend, shared with the wrapped base learner.")
+    return property(fget, fset, doc=f"Learner backend, shared with the wrapped {child} learner.")
 
 
 def build_base(

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastprompt.learners._common import PromptLearner, config_from
+from fastprompt.learners._family import forwarding_backend
 from fastprompt.learners._hard_negatives import FALLBACK_RANGES, ImageLibrary, default_train_transform, mine_hard_negatives
 from fastprompt.learners._dpc_hooks import PromptKDHooks, make_hooks
 from fastprompt.learners.promptkd import PromptKD
@@ -200,17 +201,7 @@ class DPC(PromptLearner):
         return cls(backbone.clip, backbone.classnames, tokenizer=backbone.tokenizer, backbone_learner=backbone,
                    library=library, **config)
 
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        PromptLearner.backend.fset(self, value)
-        backbone = self._modules.get("backbone")
-        if backbone is not None:
-            backbone.backend = self._backend
-        self._head_cache = None
+    backend = forwarding_backend("backbone", clear=("_head_cache",))
 
     # ------------------------------------------------------------------ the three prompts
     def tuned_prompts(self) -> Dict[str, torch.Tensor]:

@@ -47,6 +47,7 @@ from fastprompt.learners._common import (
     PromptLearner, config_from, load_into, load_pretrained_tensors, read_pretrained, write_adapter,
 )
 from fastprompt.learners._deep_prompts import prompted_image_features, visual_width
+from fastprompt.learners._family import forwarding_backend
 from fastprompt.learners.registry import create_learner, register_learner
 
 STUDENT_CLIP = "student"  # ``teacher_clip`` value: the teacher runs on the student's own CLIP
@@ -177,17 +178,7 @@ class PromptKD(PromptLearner):
         return create_learner(cfg.teacher_method, teacher_clip, classnames, config=dict(cfg.teacher_config),
                               tokenizer=teacher_tokenizer)
 
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        PromptLearner.backend.fset(self, value)
-        teacher = self._modules.get("teacher")
-        if teacher is not None:
-            teacher.backend = self._backend
-        self._teacher_text = None
+    backend = forwarding_backend("teacher", clear=("_teacher_text",), follow_child=False)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -50,30 +50,45 @@ def test_margin_itm_loss_hand_cases():
     ("capt", {"base": "kgcoop"}),
     ("capt", {"base": "prograd", "dropout": 0.0}),
     ("decapt", {"dropout": 0.0}),
+    ("capt", {"module": "linear"}),  # the official alternative conditioning modules (test_capt_modules.py)
+    ("capt", {"module": "attn"}),
+    ("decapt", {"module": "linear"}),
+    ("decapt", {"module": "attn"}),
 ])
 def test_capt_fast_equals_reference(name, kwargs):
-    tiny_model = tiny_clip(custom_text=kwargs.get("base") == "kgcoop")  # both open_clip layouts
+    # both open_clip layouts
+    tiny_model = tiny_clip(custom_text=kwargs.get("base") == "kgcoop" or "module" in kwargs and name == "decapt")
     learner = fastprompt.create_learner(name, tiny_model, NAMES, **kwargs)
     perturb(learner)
     x = images_for(tiny_model, 3, torch.float64)
-    assert_step_equivalent(learner, x, torch.tensor([1, 3, 0]), "auto", 1e-10)
+    assert_step_equivalent(learner, x, torch.tensor([1, 3, 0]), "auto", 1e-10, dead_gradients(kwargs))
 
 
-def test_capt_float32_torch_backend():
+def dead_gradients(kwargs):
+    """``attn``'s key bias has an exactly zero gradient (the softmax over keys cancels it), as officially."""
+    return {"transfer.k_proj.bias": "transfer.k_proj.weight"} if kwargs.get("module") == "attn" else None
+
+
+@pytest.mark.parametrize("module", ["mlp", "attn"])
+def test_capt_float32_torch_backend(module):
     model = tiny_clip(dtype=torch.float32)
-    learner = fastprompt.create_learner("decapt", model, NAMES, dataset="dtd")
+    learner = fastprompt.create_learner("decapt", model, NAMES, dataset="dtd", module=module)
     perturb(learner)
-    assert_step_equivalent(learner, images_for(model, 2, torch.float32), torch.tensor([2, 1]), "torch", 1e-5)
+    assert_step_equivalent(learner, images_for(model, 2, torch.float32), torch.tensor([2, 1]), "torch", 1e-5,
+                           dead_gradients({"module": module}))
 
 
 @pytest.mark.skipif(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="Triton needs a GPU or TRITON_INTERPRET=1",
 )
-def test_capt_on_triton_kernels():
-    """Engine ops and the condition op (CaPT form: LeakyReLU, scaled input) on their Triton kernels."""
+@pytest.mark.parametrize("module", ["mlp", "linear"])
+def test_capt_on_triton_kernels(module):
+    """Engine ops and the condition op on their Triton kernels (CaPT form: LeakyReLU, scaled input; ``linear``:
+    the one-layer form with the scale fused)."""
     model = tiny_clip(dtype=torch.float32)
-    learner = fastprompt.create_learner("capt", model, NAMES[:3], dropout=0.0, base_config={"n_ctx": 2, "ctx_init": ""})
+    learner = fastprompt.create_learner("capt", model, NAMES[:3], dropout=0.0, module=module,
+                                        base_config={"n_ctx": 2, "ctx_init": ""})
     perturb(learner)
     assert_step_equivalent(learner, images_for(model, 2, torch.float32), torch.tensor([0, 2]), "triton", 1e-5)
 
