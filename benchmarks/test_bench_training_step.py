@@ -94,11 +94,11 @@ def _clip_learner(method: str, vitb16, device):
     return learner, batch, len(names)
 
 
-def _Step(learner, images, labels, device) -> TrainStep:
+def _train_step(learner, images, labels, device) -> TrainStep:
     return TrainStep(learner, images, labels, amp_dtype=torch.bfloat16 if device.type == "cuda" else None)
 
 
-def _compare_then_time(step: _Step, set_backend: Callable[[str], None], benchmark, device, rounds: int):
+def _compare_then_time(step: TrainStep, set_backend: Callable[[str], None], benchmark, device, rounds: int):
     """(reference ms, fast ms, max rel err, ref peak MB, fast peak MB)."""
     err = step.compare(set_backend)
     # fp32 (CPU): the exact contract. bf16 autocast (CUDA): both paths are rounded, differently, so this is only
@@ -134,7 +134,7 @@ def test_clip_train_step(benchmark, method, vitb16, device):
     px = _image_size(vitb16[0])
     images = torch.randn(batch, 3, px, px, generator=gen).to(device)
     labels = (torch.arange(batch) * 7 % classes).to(device)  # distinct labels while batch <= classes (DPC)
-    step = _Step(learner, images, labels, device)
+    step = _train_step(learner, images, labels, device)
 
     def set_backend(b):
         learner.backend = b
@@ -171,7 +171,7 @@ def test_timm_train_step(benchmark, method, device):
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(B, 3, 224, 224, generator=gen).to(device)
     labels = torch.randint(0, classes, (B,), generator=gen).to(device)
-    step = _Step(clf, images, labels, device)
+    step = _train_step(clf, images, labels, device)
 
     def set_backend(b):
         clf.backend = b

@@ -151,9 +151,8 @@ def _train(args: argparse.Namespace) -> int:
 def _base2new(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from fastprompt.training.runner import base2new_run
-
     from fastprompt.training.config import base2new_protocol
+    from fastprompt.training.runner import base2new_run
 
     cfg = _train_config(args)
     if args.shots is None and "DATASET.NUM_SHOTS" not in (args.opts or []):
