@@ -197,8 +197,11 @@ class PromptKD(PromptLearner):
         if self.uses_reference:
             with torch.no_grad():
                 return F.normalize(self.teacher.text_features(), dim=-1)
+        # Keyed on the teacher's prompt tensors only: its CLIP is frozen, and walking all of a ViT-L/14's
+        # parameters on every step would cost more than it guards.
+        prompts = (self.teacher.get_parameter(n) for n in self.teacher_names)
         key = (self._backend, tuple(self.classnames),
-               tuple((id(p), p._version, p.dtype, p.device) for p in self.teacher.parameters()))
+               tuple((id(t), t._version, t.dtype, t.device) for t in prompts))
         if self._teacher_text is None or self._teacher_text[0] != key:
             with torch.no_grad():
                 self._teacher_text = (key, F.normalize(self.teacher.text_features(), dim=-1))

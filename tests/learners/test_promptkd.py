@@ -259,3 +259,17 @@ def test_errors():
     kd = make_kd()
     with pytest.raises(ValueError, match="labels"):
         kd.compute_loss(images(2), torch.tensor([0, 1, 2]))
+
+
+def test_teacher_text_cache_follows_the_teacher_prompts():
+    """The fast path's cached teacher text is keyed on the teacher's prompt tensors: changing one in place (as
+    loading a different teacher adapter does) re-encodes, and the result equals the reference's."""
+    kd = make_kd()
+    before = kd.teacher_text_features().clone()
+    with torch.no_grad():  # a random (not uniform: LayerNorm would cancel a constant) change of the text context
+        kd.teacher.prompts.ctx.add_(0.3 * torch.randn(kd.teacher.prompts.ctx.shape, dtype=torch.float64,
+                                                      generator=torch.Generator().manual_seed(1)))
+    after = kd.teacher_text_features()
+    assert rel_err(after, before) > 1e-3
+    kd.backend = "reference"
+    assert rel_err(after, kd.teacher_text_features()) <= 1e-10
