@@ -7,6 +7,7 @@ are included and must be dropped.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -22,6 +23,14 @@ DEPTH = {"maple": {"prompt_depth": 3}, "ivlp": {"prompt_depth_text": 3, "prompt_
          "promptsrc": {"n_ctx_text": 2, "n_ctx_vision": 2, "prompt_depth_text": 3, "prompt_depth_vision": 3}}
 
 
+@functools.lru_cache(maxsize=1)
+def _tok():
+    """One tokenizer for every learner here (building one reads the BPE vocabulary: ~0.7 s)."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer(context_length=77)
+
+
 @pytest.fixture(scope="module")
 def clip():
     return tiny_clip(dtype=torch.float64, vision_layers=3)  # depth 3: two deep blocks on each side
@@ -32,12 +41,13 @@ def _options(method):
     opts.update(DEPTH.get(method, {}))
     if method == "capt":
         opts["base_config"] = {"n_ctx": 2}
+    opts["backend"] = "reference"  # what is checked is which tensors load; the 77-token path is the quickest on CPU
     return opts
 
 
 def _learner(method, clip, seed, perturb=True):
     torch.manual_seed(seed)
-    learner = fastprompt.create_learner(method, clip, learner_classnames(method, NAMES), config=_options(method))
+    learner = fastprompt.create_learner(method, clip, learner_classnames(method, NAMES), config=_options(method), tokenizer=_tok())
     if perturb:  # move every learned tensor off its initial value, so a load that silently skips one fails
         with torch.no_grad():
             for p in learner.parameters():
@@ -113,7 +123,7 @@ def test_official_file_loads_to_same_logits(method, clip, tmp_path):
     path = tmp_path / "model.pth.tar-7"
     torch.save({"state_dict": state, "epoch": 7, "optimizer": {"state": {}}, "scheduler": None}, path)
     loaded = load_official(method, str(path), clip_model=clip, classnames=learner_classnames(method, NAMES),
-                           verbose=False, **_options(method)).eval()
+                           verbose=False, tokenizer=_tok(), **_options(method)).eval()
     images = images_for(clip, 3, torch.float64)
     torch.testing.assert_close(_logits(loaded, images), _logits(original, images), rtol=0, atol=0)
 
@@ -124,7 +134,7 @@ def test_keys_relative_to_prompt_learner(method, clip):
     original = _learner(method, clip, seed=0)
     state = {k[len("prompt_learner."):]: v.detach().clone() for k, v in official_dict(original).items()}
     state["token_prefix"] = torch.zeros(4, 1, 64)
-    loaded = load_official(method, state, clip_model=clip, classnames=NAMES, verbose=False, **_options(method)).eval()
+    loaded = load_official(method, state, clip_model=clip, classnames=NAMES, verbose=False, tokenizer=_tok(), **_options(method)).eval()
     for name, value in original.trainable_state_dict().items():
         torch.testing.assert_close(loaded.trainable_state_dict()[name], value, rtol=0, atol=0)
 
@@ -132,7 +142,7 @@ def test_keys_relative_to_prompt_learner(method, clip):
 def test_fp16_checkpoint_is_cast_to_learner_dtype(clip):
     original = _learner("coop", clip, seed=0)
     half = original.ctx.detach().half()
-    loaded = load_official("coop", {"ctx": half}, clip_model=clip, classnames=NAMES, verbose=False, **_options("coop"))
+    loaded = load_official("coop", {"ctx": half}, clip_model=clip, classnames=NAMES, verbose=False, tokenizer=_tok(), **_options("coop"))
     assert loaded.ctx.dtype == torch.float64
     torch.testing.assert_close(loaded.ctx.detach(), half.double(), rtol=0, atol=0)
 
@@ -143,12 +153,12 @@ def test_export_then_load_round_trip(method, clip, tmp_path):
     files = export_official(original, tmp_path / "out", epoch=3)
     assert all(os.path.isfile(f) and f.endswith("model.pth.tar-3") for f in files)
     loaded = load_official(method, str(tmp_path / "out"), clip_model=clip, classnames=learner_classnames(method, NAMES),
-                           verbose=False, **_options(method)).eval()
+                           verbose=False, tokenizer=_tok(), **_options(method)).eval()
     images = images_for(clip, 2, torch.float64)
     torch.testing.assert_close(_logits(loaded, images), _logits(original, images), rtol=0, atol=0)
     single = original.export_official(tmp_path / "one.pth.tar", layout="file")  # the learner method
     again = load_official(method, single[0], clip_model=clip, classnames=learner_classnames(method, NAMES),
-                          verbose=False, **_options(method)).eval()
+                          verbose=False, tokenizer=_tok(), **_options(method)).eval()
     torch.testing.assert_close(_logits(again, images), _logits(original, images), rtol=0, atol=0)
 
 
@@ -170,13 +180,13 @@ def test_dassl_dir_picks_highest_epoch_or_the_one_asked(clip, tmp_path, capsys):
         torch.save({"state_dict": {"ctx": base.ctx.detach() + epoch, "token_prefix": torch.zeros(1)}, "epoch": epoch},
                    folder / f"model.pth.tar-{epoch}")
     torch.save({"state_dict": {"ctx": base.ctx.detach() - 1}, "epoch": 4}, folder / "model-best.pth.tar")
-    latest = load_official("coop", str(tmp_path), clip_model=clip, classnames=NAMES, **_options("coop"))
+    latest = load_official("coop", str(tmp_path), clip_model=clip, classnames=NAMES, tokenizer=_tok(), **_options("coop"))
     torch.testing.assert_close(latest.ctx.detach(), base.ctx.detach() + 10, rtol=0, atol=0)
     assert "model.pth.tar-10" in capsys.readouterr().out  # says which file it read
-    fifth = load_official("coop", str(folder), clip_model=clip, classnames=NAMES, epoch=5, verbose=False, **_options("coop"))
+    fifth = load_official("coop", str(folder), clip_model=clip, classnames=NAMES, epoch=5, verbose=False, tokenizer=_tok(), **_options("coop"))
     torch.testing.assert_close(fifth.ctx.detach(), base.ctx.detach() + 5, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="model.pth.tar-6"):
-        load_official("coop", str(tmp_path), clip_model=clip, classnames=NAMES, epoch=6, verbose=False, **_options("coop"))
+        load_official("coop", str(tmp_path), clip_model=clip, classnames=NAMES, epoch=6, verbose=False, tokenizer=_tok(), **_options("coop"))
     best_only = tmp_path / "best" / "prompt_learner"
     best_only.mkdir(parents=True)
     os.replace(folder / "model-best.pth.tar", best_only / "model-best.pth.tar")
@@ -188,13 +198,13 @@ def test_unknown_missing_and_misshaped_keys_are_named(clip):
     state = {k: v.detach() for k, v in official_dict(original).items()}
     with pytest.raises(ValueError, match="prompt_learner.extra_gate"):
         load_official("cocoop", {**state, "prompt_learner.extra_gate": torch.zeros(3)}, clip_model=clip,
-                      classnames=NAMES, verbose=False, **_options("cocoop"))
+                      classnames=NAMES, verbose=False, tokenizer=_tok(), **_options("cocoop"))
     partial = {k: v for k, v in state.items() if "linear2.bias" not in k}
     with pytest.raises(ValueError, match="lacks.*prompt_learner.meta_net.linear2.bias"):
-        load_official("cocoop", partial, clip_model=clip, classnames=NAMES, verbose=False, **_options("cocoop"))
+        load_official("cocoop", partial, clip_model=clip, classnames=NAMES, verbose=False, tokenizer=_tok(), **_options("cocoop"))
     with pytest.raises(ValueError, match="prompt_learner.ctx.*shape"):
-        load_official("coop", {"ctx": torch.zeros(5, 64)}, clip_model=clip, classnames=NAMES, verbose=False, n_ctx=2)
+        load_official("coop", {"ctx": torch.zeros(5, 64)}, clip_model=clip, classnames=NAMES, verbose=False, tokenizer=_tok(), n_ctx=2)
     with pytest.raises(ValueError, match="classnames"):
-        load_official("coop", {"ctx": torch.zeros(2, 64)}, clip_model=clip, verbose=False)
+        load_official("coop", {"ctx": torch.zeros(2, 64)}, clip_model=clip, verbose=False, tokenizer=_tok())
     with pytest.raises(ValueError, match="not a checkpoint"):
-        load_official("coop", {"ctx": [1, 2]}, clip_model=clip, classnames=NAMES, verbose=False)
+        load_official("coop", {"ctx": [1, 2]}, clip_model=clip, classnames=NAMES, verbose=False, tokenizer=_tok())
