@@ -287,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsets.add_argument("--root", required=True)
     dsets.add_argument("--dataset", nargs="*", default=None, help="default: every known dataset")
     dsets.set_defaults(func=_datasets)
+
+    from fastprompt.cli_ecosystem import add_commands
+
+    add_commands(sub)  # convert, summarize, zeroshot
     return parser
 
 

@@ -208,3 +208,31 @@ def test_unknown_missing_and_misshaped_keys_are_named(clip):
         load_official("coop", {"ctx": torch.zeros(2, 64)}, clip_model=clip, verbose=False, tokenizer=_tok())
     with pytest.raises(ValueError, match="not a checkpoint"):
         load_official("coop", {"ctx": [1, 2]}, clip_model=clip, classnames=NAMES, verbose=False, tokenizer=_tok())
+
+
+def test_convert_command_writes_an_adapter(tmp_path, capsys):
+    """``fastprompt convert``: a Dassl output directory -> a fastprompt adapter holding the same tensors."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fastprompt.cli import main
+    from tests.training.test_cli_train import TINY
+
+    model = tmp_path / "tiny.json"
+    model.write_text(json.dumps(TINY))
+    ctx = torch.randn(2, TINY["text_cfg"]["width"])
+    folder = tmp_path / "official" / "prompt_learner"
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": {"ctx": ctx.half(), "token_prefix": torch.zeros(1)}, "epoch": 3}, folder / "model.pth.tar-3")
+    out = tmp_path / "adapter"
+    argv = ["convert", "--method", "coop", "--checkpoint", str(tmp_path / "official"), "--output-dir", str(out),
+            "--dataset", "caltech101", "--subsample", "base", "--model", str(model), "--pretrained", "none",
+            "--option", "n_ctx=2"]
+    assert main(argv) == 0
+    assert "model.pth.tar-3" in capsys.readouterr().out
+    meta = json.loads((out / "fastprompt_config.json").read_text())
+    assert meta["method"] == "coop" and len(meta["classnames"]) == 50  # caltech101's 100 classes, base half
+    torch.testing.assert_close(load_file(str(out / "prompt_learner.safetensors"))["ctx"], ctx.half().float(), rtol=0, atol=0)
+    assert main(argv[:-2] + ["--option", "n_ctx=3"]) == 2  # shape mismatch: one clear line, exit 2
+    assert "prompt_learner.ctx" in capsys.readouterr().err
