@@ -116,8 +116,11 @@ def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
     else:
         p.add_argument("--dataset", required=True)
         p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--seeds", type=int, nargs="+", default=None,
+                       help="sweep: one run per seed (and per --shots value) into OUTPUT_DIR/shots_<k>/seed<s>")
         p.add_argument("--subsample", choices=["all", "base", "new"], default=None)
-    p.add_argument("--shots", type=int, default=None, help="images per class (default 16; -1 = all)")
+    p.add_argument("--shots", type=int, default=None, nargs=None if multi_dataset else "+",
+                   help="images per class (default 16; -1 = all)" + ("" if multi_dataset else "; several values: a sweep"))
     p.add_argument("--epochs", type=int, default=None, help="default: the method's official value")
     p.add_argument("--batch-size", type=int, default=None, help="default: the method's official value")
     p.add_argument("--test-batch-size", type=int, default=None)
@@ -137,10 +140,16 @@ def _train(args: argparse.Namespace) -> int:
 
     from fastprompt.training.runner import train_run
 
+    shots_list = args.shots
+    args.shots = shots_list[0] if shots_list else None
     cfg = _train_config(args)
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)
     cfg = dataclasses.replace(cfg, dataset=args.dataset)
+    if args.seeds or (shots_list and len(shots_list) > 1):  # a sweep (fastprompt/training/sweep.py)
+        from fastprompt.cli_ecosystem import run_sweep
+
+        return run_sweep(cfg, args.seeds or [cfg.seed], shots_list or [cfg.shots], args.resume)
     results, _, _ = train_run(cfg, resume=args.resume)
     if "accuracy" in results:
         print(f"{cfg.method} on {cfg.dataset} ({cfg.subsample} classes, seed {cfg.seed}): "
@@ -290,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fastprompt.cli_ecosystem import add_commands
 
-    add_commands(sub)  # convert, summarize, zeroshot
+    add_commands(sub, _add_run_options)  # convert, summarize, zeroshot
     return parser
 
 

@@ -55,8 +55,61 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
-    """Add ``convert`` (and the other ecosystem commands) to the ``fastprompt`` subparsers."""
+def run_sweep(cfg, seeds, shots, resume: bool) -> int:
+    """``fastprompt train --seeds ... --shots ...``: every run, then the summary table."""
+    from fastprompt.training.sweep import sweep_run
+
+    out = sweep_run(cfg, seeds, shots, resume=resume)
+    _print_summary(out)
+    return 0
+
+
+def _print_summary(out) -> None:
+    from fastprompt.training.summarize import markdown
+
+    print(markdown(out["rows"]), end="")
+    if out["paths"]:
+        print("wrote " + ", ".join(out["paths"].values()))
+
+
+def _summarize(args: argparse.Namespace) -> int:
+    from fastprompt.training.summarize import summarize
+
+    out = summarize(args.runs, output_dir=args.output_dir, with_plot=not args.no_plot)
+    _print_summary(out)
+    return 0
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fastprompt.cli import _train_config
+    from fastprompt.training.sweep import zeroshot_run
+
+    cfg = _train_config(args)
+    if args.output_dir is None:
+        raise ValueError("fastprompt zeroshot needs --output-dir")
+    cfg = dataclasses.replace(cfg, output_dir=args.output_dir)
+    out = zeroshot_run(cfg, args.dataset, args.subsets)
+    _print_summary(out)
+    return 0
+
+
+def add_commands(sub, add_run_options) -> None:
+    """Add ``convert``, ``summarize`` and ``zeroshot`` to the ``fastprompt`` subparsers (``add_run_options``:
+    the shared model / data / device options of ``fastprompt train``)."""
+    summ = sub.add_parser("summarize", help="mean ± std and 95%% CI over seeds of finished runs (Markdown/CSV/JSON/plot)")
+    summ.add_argument("runs", nargs="+", help="run directories or folders holding them (searched recursively)")
+    summ.add_argument("--output-dir", default=None, help="write summary.{json,csv,md,png} here")
+    summ.add_argument("--no-plot", action="store_true", help="no summary.png (it needs fastprompt[plot])")
+    summ.set_defaults(func=_summarize)
+
+    zs = sub.add_parser("zeroshot", help="zero-shot CLIP with a method's template, in the same tables")
+    add_run_options(zs, multi_dataset=True)
+    zs.set_defaults(func=_zeroshot, shots=-1)
+    zs.add_argument("--subsample", dest="subsets", nargs="+", choices=["all", "base", "new"], default=["all"],
+                    help="class subsets to test ('base new' gives the base-to-new table)")
+
     conv = sub.add_parser("convert", help="an official (Dassl) checkpoint -> a fastprompt adapter directory")
     conv.add_argument("--method", required=True, help="fastprompt method name (coop, cocoop, maple, promptsrc, ...)")
     conv.add_argument("--checkpoint", required=True,
