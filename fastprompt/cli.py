@@ -78,6 +78,10 @@ def _train_config(args: argparse.Namespace):
     from fastprompt.training.config import TrainConfig, apply_mapping, apply_opts, load_config_file
 
     cfg = TrainConfig(method=args.method)
+    if getattr(args, "config_file", None) or getattr(args, "dataset_config_file", None):
+        from fastprompt.training.dassl_config import apply_official_files  # official YAML files, as Dassl's train.py
+
+        cfg = apply_official_files(cfg, args.dataset_config_file, args.config_file)
     if args.config:
         cfg = apply_mapping(cfg, load_config_file(args.config))
     flags = {
@@ -107,6 +111,8 @@ def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
 
     p.add_argument("--method", default="coop", help="prompt-tuning method: " + ", ".join(list_learners()))
     p.add_argument("--config", default=None, help="YAML or JSON config (Dassl-style keys or TrainConfig fields)")
+    p.add_argument("--config-file", default=None, help="an official trainer YAML as it is (unused keys: one warning)")
+    p.add_argument("--dataset-config-file", default=None, help="an official dataset YAML as it is (DATASET.NAME, ...)")
     p.add_argument("--model", default=None, help="open_clip architecture or a path to an open_clip model-config JSON (default ViT-B-16)")
     p.add_argument("--pretrained", default=None, help="open_clip tag (e.g. openai), checkpoint path, or 'none' (default openai)")
     p.add_argument("--root", default=None, help="datasets root (CoOp layout)")
@@ -114,7 +120,7 @@ def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
         p.add_argument("--dataset", nargs="+", required=True, help="one or more dataset names")
         p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     else:
-        p.add_argument("--dataset", required=True)
+        p.add_argument("--dataset", default=None, help="dataset name (or DATASET.NAME of --dataset-config-file)")
         p.add_argument("--seed", type=int, default=None)
         p.add_argument("--seeds", type=int, nargs="+", default=None,
                        help="sweep: one run per seed (and per --shots value) into OUTPUT_DIR/shots_<k>/seed<s>")
@@ -145,7 +151,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)
-    cfg = dataclasses.replace(cfg, dataset=args.dataset)
+    cfg = dataclasses.replace(cfg, dataset=args.dataset or cfg.dataset)
     if args.seeds or (shots_list and len(shots_list) > 1):  # a sweep (fastprompt/training/sweep.py)
         from fastprompt.cli_ecosystem import run_sweep
 
