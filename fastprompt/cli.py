@@ -89,6 +89,7 @@ def _train_config(args: argparse.Namespace):
         "shots": args.shots, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "precision": args.precision, "device": args.device, "output_dir": args.output_dir,
         "num_workers": args.num_workers, "test_batch_size": args.test_batch_size,
+        "tensorboard": getattr(args, "tensorboard", None),
     }
     if getattr(args, "subsample", None) is not None:
         flags["subsample"] = args.subsample
@@ -103,7 +104,14 @@ def _train_config(args: argparse.Namespace):
     if getattr(args, "class_sharding", False):
         cfg = dataclasses.replace(cfg, class_sharding=True)
     cfg = apply_opts(cfg, args.opts or [])
-    return cfg.validate()
+    from fastprompt.training.console import absolute_paths, require_tensorboard
+
+    if cfg.tensorboard:
+        try:
+            require_tensorboard()
+        except ImportError as exc:
+            raise CLIError(str(exc)) from None
+    return absolute_paths(cfg.validate())  # run_config.json then resolves from any directory
 
 
 def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
@@ -138,6 +146,7 @@ def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--class-sharding", action="store_true", help="under torchrun: split the classes' text encoding over the ranks")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tensorboard", default=None, metavar="DIR", help="TensorBoard scalars per epoch (pip install tensorboard)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="yacs-style KEY VALUE overrides, e.g. OPTIM.LR 0.002 TRAINER.COOP.N_CTX 4")
 
 

@@ -153,11 +153,12 @@ class TrainConfig:
     lr_batch_scaling: Optional[bool] = None  # train at lr * global batch / 256 (VPT); None: the method's
     precision: str = "fp32"
     grad_clip: Optional[float] = None  # max grad norm; None = off, as the official code
-    num_workers: int = 4
+    num_workers: int = min(4, os.cpu_count() or 1)  # more workers than cores only slows down (and warns)
     device: str = "auto"
     output_dir: str = "output"
     class_sharding: bool = False  # multi-process only: each rank encodes a slice of the classes
     progress: bool = True
+    tensorboard: Optional[str] = None  # a directory: TensorBoard scalars per epoch (needs the tensorboard package)
     learner: Dict[str, Any] = field(default_factory=dict)  # the learner config's fields
 
     def to_dict(self) -> Dict[str, Any]:

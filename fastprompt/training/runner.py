@@ -221,8 +221,11 @@ def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int]
     root_out = cfg.output_dir
     protocol = base2new_protocol(cfg.method)
     runs: List[Dict[str, Any]] = []
+    total = len(datasets) * len(seeds)
     for name in datasets:
         for seed in seeds:
+            if dist_info().is_main:
+                print(f"[fastprompt] base2new run {len(runs) + 1}/{total}: {cfg.method} on {name}, seed {seed}", flush=True)
             run_cfg = dataclasses.replace(cfg, dataset=name, seed=int(seed), subsample=protocol["train_subsample"],
                                           output_dir=os.path.join(root_out, name, f"seed{seed}"))
             if resume:

@@ -194,13 +194,19 @@ class Trainer:
         if self.splits is not None and not (self.extra_restored
                                             and getattr(self.learner, "training_state_includes_train_data", False)):
             self.learner.attach_train_data(self.splits)
+        from fastprompt.training.console import EpochReporter, tensorboard_dir
+
+        board = tensorboard_dir(cfg.tensorboard, cfg) if cfg.tensorboard and self.dist.is_main else None
+        reporter = EpochReporter(cfg.epochs, start, cfg.progress and self.dist.is_main, board)
         for epoch in range(start, cfg.epochs):
             self._train_epoch(epoch)
+            reporter.epoch_done(self.history[-1])  # a line per epoch stays on screen, with the run's ETA
             self.learner.on_epoch_end(epoch, cfg.epochs)
             if ckpt and self.dist.is_main:
                 save_checkpoint(ckpt, self._payload(epoch + 1))
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
+        reporter.close()
         return self.history
 
     def _train_epoch(self, epoch: int) -> None:
@@ -259,7 +265,7 @@ class Trainer:
             seen += n
             if bar is not None:
                 dt = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{seen * self.dist.world_size / dt:.1f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{seen * self.dist.world_size / dt:.1f}")
                 bar.update(1)
         if bar is not None:
             bar.close()
