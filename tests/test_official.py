@@ -236,3 +236,22 @@ def test_convert_command_writes_an_adapter(tmp_path, capsys):
     torch.testing.assert_close(load_file(str(out / "prompt_learner.safetensors"))["ctx"], ctx.half().float(), rtol=0, atol=0)
     assert main(argv[:-2] + ["--option", "n_ctx=3"]) == 2  # shape mismatch: one clear line, exit 2
     assert "prompt_learner.ctx" in capsys.readouterr().err
+
+
+def test_dpc_from_stage1_and_stage2_checkpoints(clip):
+    """DPC: the stage-1 backbone from its own official checkpoint, the stage-2 (mixed) prompt from DPC's."""
+    from fastprompt.learners.dpc import DPC
+
+    backbone = _learner("coop", clip, seed=0)
+    torch.manual_seed(1)
+    original = DPC(clip, NAMES, tokenizer=_tok(), backbone_learner=backbone, top_k=2, seed=0).eval()
+    with torch.no_grad():
+        original.mixed["ctx"].add_(0.1 * torch.randn_like(original.mixed["ctx"]))
+    stage1 = {"ctx": backbone.ctx.detach().clone(), "token_prefix": torch.zeros(1)}
+    stage2 = {"state_dict": {"prompt_learner.ctx": original.mixed["ctx"].detach().clone()}, "epoch": 20}
+    loaded = load_official("dpc", stage2, clip_model=clip, classnames=NAMES, backbone_checkpoint=stage1,
+                           backbone_config=_options("coop"), top_k=2, seed=0, verbose=False, tokenizer=_tok()).eval()
+    images = images_for(clip, 2, torch.float64)
+    torch.testing.assert_close(_logits(loaded, images), _logits(original, images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="backbone_checkpoint"):
+        load_official("dpc", stage2, clip_model=clip, classnames=NAMES, verbose=False, tokenizer=_tok())

@@ -64,6 +64,8 @@ def official_state_to_tensors(learner, checkpoint: OfficialCheckpoint) -> Dict[s
                 "(n_ctx, prompt depth, class list, ...)"
             )
         out[fp] = value.to(dtype=target.dtype)  # e.g. an fp16 official checkpoint into an fp32 learner
+    if method == "dpc":  # the frozen stage-1 prompt P, already loaded into the backbone from its own checkpoint
+        out.update({f"tuned.{n}": t.detach() for n, t in learner.tuned_prompts().items()})
     return out
 
 

@@ -163,6 +163,8 @@ def official_names(learner, names=None) -> Dict[str, Tuple[str, bool]]:
     out: Dict[str, Tuple[str, bool]] = {}
     for name in (learner.trainable_state_dict() if names is None else names):
         if method == "dpc":  # mixed.<backbone name with "__"> / parallel.<...>: the backbone's official name
+            if name.startswith("tuned."):  # P, the stage-1 prompt: it comes from the backbone's checkpoint
+                continue
             m = re.fullmatch(r"(?:mixed|parallel)\.(.+)", name)
             inner = m.group(1).replace("__", ".") if m else None
             if inner in base_names:
