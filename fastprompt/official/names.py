@@ -30,7 +30,7 @@ uses in its model's ``state_dict`` (relative to the *whole* official model, i.e.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple, Union
 
 Target = Union[str, Callable[[re.Match], str]]
@@ -54,7 +54,6 @@ class OfficialLayout:
     models: Dict[str, str]
     base_prefix: Optional[str] = None
     notes: str = ""
-    frozen: Tuple[str, ...] = field(default=())
 
 
 _COOP = OfficialLayout(rules=((r"ctx", "prompt_learner.ctx", False),), models={"prompt_learner": "prompt_learner."})

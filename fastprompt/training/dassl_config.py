@@ -17,7 +17,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Dict, List, Tuple
 
-from fastprompt.training.config import TrainConfig, _flatten, _set, load_config_file
+from fastprompt.training.config import TrainConfig, _flatten, _set, load_config_file  # the --opts machinery
 
 # What fastprompt's data pipeline does: Dassl's CoOp transforms with bicubic interpolation.
 DEFAULT_TRANSFORMS = ["random_resized_crop", "random_flip", "normalize"]

@@ -6,7 +6,6 @@ import json
 import os
 import warnings
 
-import pytest
 
 from fastprompt.training import TrainConfig
 from fastprompt.training.console import EpochReporter, format_duration
