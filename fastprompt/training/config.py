@@ -158,6 +158,7 @@ class TrainConfig:
     output_dir: str = "output"
     class_sharding: bool = False  # multi-process only: each rank encodes a slice of the classes
     progress: bool = True
+    print_freq: Optional[int] = None  # TRAIN.PRINT_FREQ: also a line every N batches (None: per epoch only)
     tensorboard: Optional[str] = None  # a directory: TensorBoard scalars per epoch (needs the tensorboard package)
     learner: Dict[str, Any] = field(default_factory=dict)  # the learner config's fields
 
@@ -234,7 +235,7 @@ _DASSL_KEYS = {
     "DATALOADER.NUM_WORKERS": "num_workers", "DATASET.NAME": "dataset", "DATASET.ROOT": "root",
     "DATASET.NUM_SHOTS": "shots", "DATASET.SUBSAMPLE_CLASSES": "subsample", "SEED": "seed",
     "OUTPUT_DIR": "output_dir", "MODEL.BACKBONE.NAME": "model", "TRAINER.NAME": "method",
-    "OPTIM.LR_SCHEDULER": "lr_scheduler",
+    "OPTIM.LR_SCHEDULER": "lr_scheduler", "TRAIN.PRINT_FREQ": "print_freq",
     # VPT / VAPT (fvcore) names of the same settings
     "SOLVER.BASE_LR": "lr", "SOLVER.TOTAL_EPOCH": "epochs", "SOLVER.WARMUP_EPOCH": "warmup_epoch",
     "SOLVER.WEIGHT_DECAY": "weight_decay", "SOLVER.MOMENTUM": "momentum", "DATA.BATCH_SIZE": "batch_size",
@@ -293,7 +294,7 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
 _FIELD_DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
                    for f in dataclasses.fields(TrainConfig)}
 _NUMERIC_OPTIONAL = {"epochs": 1, "batch_size": 1, "lr": 1.0, "grad_clip": 1.0, "pretrained": "", "weight_decay": 1.0,
-                     "warmup_epoch": 1, "lr_scheduler": "", "lr_batch_scaling": False}
+                     "warmup_epoch": 1, "lr_scheduler": "", "lr_batch_scaling": False, "print_freq": 1}
 
 
 def _set(cfg: TrainConfig, key: str, raw: Any) -> TrainConfig:

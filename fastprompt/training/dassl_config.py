@@ -2,10 +2,10 @@
 
 Dassl's ``train.py`` merges the dataset file, then the trainer file, then the command line, then ``--opts``;
 fastprompt does the same. A key that means something here is honoured (``OPTIM.*``, ``DATALOADER.*.BATCH_SIZE``,
-``DATASET.NAME/NUM_SHOTS/SUBSAMPLE_CLASSES``, ``TRAINER.<METHOD>.*`` options of the learner, ``PREC``, ...); a key
+``DATASET.NAME/NUM_SHOTS/SUBSAMPLE_CLASSES``, ``TRAIN.PRINT_FREQ``, ``TRAINER.<METHOD>.*`` options of the learner, ``PREC``, ...); a key
 whose value is what fastprompt does anyway is checked (``INPUT.TRANSFORMS``, ``INPUT.INTERPOLATION``, the CLIP
 pixel mean / std; ``INPUT.SIZE`` is accepted: the official code asserts it equals the CLIP's resolution, and
-fastprompt always feeds the model its own); every other key (``TRAIN.PRINT_FREQ``, ``TEST.*``, ...) is ignored,
+fastprompt always feeds the model its own); every other key (``TEST.*``, ``TRAIN.CHECKPOINT_FREQ``, ...) is ignored,
 and all of them are listed in ONE warning.
 
 ``PREC fp16`` means the whole model in fp16 officially (weights, activations and the learned prompts, no loss

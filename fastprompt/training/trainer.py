@@ -230,7 +230,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self.sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        for images, labels in self.loader:
+        for batch_idx, (images, labels) in enumerate(self.loader):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
@@ -263,6 +263,10 @@ class Trainer:
                 correct += int((logits.detach().argmax(-1) == labels).sum())
                 scored += n
             seen += n
+            if cfg.print_freq and self.dist.is_main and (batch_idx + 1) % cfg.print_freq == 0:  # TRAIN.PRINT_FREQ
+                line = (f"epoch {epoch + 1}/{cfg.epochs} batch {batch_idx + 1}/{len(self.sampler)} "
+                        f"loss {float(loss.detach()):.4f} lr {lrs[0]:.2e}")
+                (bar.write if bar is not None else print)(line)
             if bar is not None:
                 dt = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{seen * self.dist.world_size / dt:.1f}")

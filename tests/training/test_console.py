@@ -25,15 +25,17 @@ def test_epoch_lines_and_no_warnings(tmp_path, capsys):
 
     learner = make_coop(n_ctx=2)
     data = NoisyTensorDataset(6, len(learner.classnames))
-    cfg = train_config(epochs=3, progress=True)
+    cfg = train_config(epochs=3, progress=True, print_freq=2)  # 6 images, batch 3: one batch line per epoch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         Trainer(learner, data, cfg, output_dir=str(tmp_path)).fit()
     ours = [w for w in caught if "fastprompt" in w.filename or "requires_grad" in str(w.message) or "worker" in str(w.message)]
     assert not ours, [str(w.message) for w in ours]
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("epoch ") and " batch " not in line]
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
     assert "ETA" in lines[0] and "ETA" in lines[1] and lines[2].endswith("done") and "loss" in lines[0]
+    assert [line.split()[1] for line in out if " batch 2/2 " in line] == ["1/3", "2/3", "3/3"]  # TRAIN.PRINT_FREQ 2
 
 
 def test_reporter_eta_and_tensorboard_scalars(monkeypatch):

@@ -73,9 +73,10 @@ def test_official_trainer_and_dataset_files(tmp_path):
         cfg = apply_official_files(TrainConfig(method="coop"), str(dataset), str(trainer))
     assert (cfg.dataset, cfg.batch_size, cfg.test_batch_size, cfg.num_workers) == ("caltech101", 32, 100, 8)
     assert (cfg.lr, cfg.epochs, cfg.warmup_epoch, cfg.warmup_lr, cfg.model) == (0.002, 50, 1, 1e-5, "ViT-B-16")
+    assert cfg.print_freq == 5
     assert len(caught) == 1  # ONE warning, listing every ignored key
     message = str(caught[0].message)
-    assert "TRAIN.PRINT_FREQ" in message and "TEST.EVALUATOR" in message and "INPUT" not in message
+    assert "TEST.EVALUATOR" in message and "PRINT_FREQ" not in message and "INPUT" not in message
 
 
 def test_trainer_section_and_prec_fp16(tmp_path):
@@ -112,7 +113,7 @@ def test_train_with_official_files(tmp_path):
     run = tmp_path / "run"
     argv = ["train", "--config-file", str(trainer), "--dataset-config-file", str(dataset), "--output-dir", str(run),
             "--opts", "TRAINER.COOP.N_CTX", "2"]
-    with pytest.warns(UserWarning, match="TRAIN.PRINT_FREQ"):
+    with pytest.warns(UserWarning, match="TEST.EVALUATOR"):
         assert main(argv[:-3] + _common(str(model), str(root), shots=1) + argv[-3:]) == 0
     cfg = json.loads((run / "run_config.json").read_text())
     assert (cfg["dataset"], cfg["epochs"], cfg["batch_size"], cfg["learner"]) == ("caltech101", 1, 2, {"n_ctx": 2})
