@@ -33,6 +33,7 @@ from fastprompt.training.checkpoint import (
     CHECKPOINT_FILE, CheckpointError, check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
 from fastprompt.training.config import VPT_REFERENCE_BATCH, TrainConfig, resolve_defaults
+from fastprompt.training.console import EpochReporter, tensorboard_dir
 from fastprompt.training.data import EpochBatchSampler, collate, epoch_seed
 from fastprompt.training.distributed import average_gradients, broadcast_trainable, dist_info, sharded_compute_loss
 from fastprompt.training.schedule import EpochLRSchedule
@@ -194,8 +195,6 @@ class Trainer:
         if self.splits is not None and not (self.extra_restored
                                             and getattr(self.learner, "training_state_includes_train_data", False)):
             self.learner.attach_train_data(self.splits)
-        from fastprompt.training.console import EpochReporter, tensorboard_dir
-
         board = tensorboard_dir(cfg.tensorboard, cfg) if cfg.tensorboard and self.dist.is_main else None
         reporter = EpochReporter(cfg.epochs, start, cfg.progress and self.dist.is_main, board)
         for epoch in range(start, cfg.epochs):
