@@ -20,6 +20,22 @@ def format_duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+class RunsETA:
+    """ETA of a sequence of runs (a sweep, base-to-new): mean seconds of the runs trained so far x runs left."""
+
+    def __init__(self, total: int):
+        self.total, self.trained, self.seconds = int(total), 0, 0.0
+
+    def add(self, seconds: float) -> None:
+        self.trained += 1
+        self.seconds += float(seconds)
+
+    def text(self, left: int) -> str:
+        if not self.trained or left <= 0:
+            return ""
+        return f", ETA of the rest {format_duration(self.seconds / self.trained * left)}"
+
+
 def require_tensorboard():
     """torch's SummaryWriter; ImportError with the install line when the optional package is absent."""
     try:

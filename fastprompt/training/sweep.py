@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastprompt.training.config import TrainConfig, resolve_defaults
+from fastprompt.training.console import RunsETA
 from fastprompt.training.summarize import summarize
 
 ZEROSHOT_METHOD = "zeroshot"
@@ -51,14 +53,17 @@ def sweep_run(cfg: TrainConfig, seeds: Sequence[int], shots: Sequence[int], resu
         raise ValueError("a sweep needs at least one seed and one shots value")
     root = cfg.output_dir
     plan = [(int(k), int(s)) for k in shots for s in seeds]
+    eta = RunsETA(len(plan))
     for i, (k, s) in enumerate(plan, 1):
         run_cfg = dataclasses.replace(cfg, shots=k, seed=s, output_dir=os.path.join(root, f"shots_{k}", f"seed{s}"))
         head = f"[fastprompt] run {i}/{len(plan)}: {cfg.method} on {cfg.dataset}, {k} shots, seed {s}"
         if _finished(run_cfg) is not None:
             print(f"{head}: finished before, reused ({run_cfg.output_dir})", flush=True)
             continue
-        print(head, flush=True)
+        print(head + eta.text(len(plan) - i + 1), flush=True)
+        t0 = time.perf_counter()
         train_run(run_cfg, resume=resume)
+        eta.add(time.perf_counter() - t0)
     return summarize([root], output_dir=root)
 
 

@@ -16,6 +16,16 @@ def test_format_duration():
     assert (format_duration(9.4), format_duration(185), format_duration(3725)) == ("9s", "3m05s", "1h02m")
 
 
+def test_runs_eta():
+    from fastprompt.training.console import RunsETA
+
+    eta = RunsETA(4)
+    assert eta.text(4) == ""  # nothing trained yet: no estimate
+    eta.add(30.0)
+    eta.add(90.0)
+    assert eta.text(2) == ", ETA of the rest 2m00s"  # mean 60 s x 2 runs left
+
+
 def test_default_workers_fit_the_machine():
     assert 1 <= TrainConfig().num_workers <= min(4, os.cpu_count() or 1)
 

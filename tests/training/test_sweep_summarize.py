@@ -82,7 +82,7 @@ def test_sweep_reuses_finished_runs_and_zeroshot(env, tmp_path, capsys):  # noqa
     capsys.readouterr()
     assert main(argv[:-3] + ["--shots", "1", "2"] + argv[-3:]) == 0  # seeds of 1 shot reused, 2 shots trained
     printed = capsys.readouterr().out
-    assert printed.count("reused") == 2 and "run 4/4" in printed
+    assert printed.count("reused") == 2 and "run 4/4" in printed and "ETA of the rest" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert sorted((r["shots"], r["n"]) for r in summary["rows"]) == [(1, 2), (2, 2)]
 
