@@ -26,6 +26,10 @@ uses in its model's ``state_dict`` (relative to the *whole* official model, i.e.
 * DPC (JREion/DPC): the stage-2 checkpoint holds the backbone's names (e.g. ``prompt_learner.ctx``) for the
   trained prompt (``mixed.*`` / ``parallel.*`` here); the frozen stage-1 prompt comes from the backbone's own
   checkpoint.
+
+Checked against the official trainers: CoCoOp (``prompt_learner`` registered alone), MaPLe, IVLP / PromptSRC,
+DePT, CaPT (module names; its Dassl model name is not confirmed, so any folder name is read), SoftCPT. KgCoOp,
+ProGrad and DPC follow the CoOp code they are built on (``prompt_learner.ctx``).
 """
 from __future__ import annotations
 
