@@ -20,9 +20,11 @@ from fastprompt.learners import (
     register_learner,
 )
 from fastprompt.data import load_classnames, list_classname_sets
+from fastprompt.official import export_official, load_official
 
 __all__ = [
     "__version__", "load_clip", "TextTower", "ClassPlan", "build_class_plan", "PromptedTextEncoder",
     "create_learner", "from_pretrained", "list_learners", "register_learner", "env_report",
     "CoOp", "CoOpConfig", "CoCoOp", "CoCoOpConfig", "load_classnames", "list_classname_sets",
+    "load_official", "export_official",
 ]

@@ -78,6 +78,10 @@ def _train_config(args: argparse.Namespace):
     from fastprompt.training.config import TrainConfig, apply_mapping, apply_opts, load_config_file
 
     cfg = TrainConfig(method=args.method)
+    if getattr(args, "config_file", None) or getattr(args, "dataset_config_file", None):
+        from fastprompt.training.dassl_config import apply_official_files  # official YAML files, as Dassl's train.py
+
+        cfg = apply_official_files(cfg, args.dataset_config_file, args.config_file)
     if args.config:
         cfg = apply_mapping(cfg, load_config_file(args.config))
     flags = {
@@ -85,6 +89,7 @@ def _train_config(args: argparse.Namespace):
         "shots": args.shots, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
         "precision": args.precision, "device": args.device, "output_dir": args.output_dir,
         "num_workers": args.num_workers, "test_batch_size": args.test_batch_size,
+        "tensorboard": getattr(args, "tensorboard", None),
     }
     if getattr(args, "subsample", None) is not None:
         flags["subsample"] = args.subsample
@@ -99,7 +104,14 @@ def _train_config(args: argparse.Namespace):
     if getattr(args, "class_sharding", False):
         cfg = dataclasses.replace(cfg, class_sharding=True)
     cfg = apply_opts(cfg, args.opts or [])
-    return cfg.validate()
+    from fastprompt.training.console import absolute_paths, require_tensorboard
+
+    if cfg.tensorboard:
+        try:
+            require_tensorboard()
+        except ImportError as exc:
+            raise CLIError(str(exc)) from None
+    return absolute_paths(cfg.validate())  # run_config.json then resolves from any directory
 
 
 def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
@@ -107,6 +119,8 @@ def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
 
     p.add_argument("--method", default="coop", help="prompt-tuning method: " + ", ".join(list_learners()))
     p.add_argument("--config", default=None, help="YAML or JSON config (Dassl-style keys or TrainConfig fields)")
+    p.add_argument("--config-file", default=None, help="an official trainer YAML as it is (unused keys: one warning)")
+    p.add_argument("--dataset-config-file", default=None, help="an official dataset YAML as it is (DATASET.NAME, ...)")
     p.add_argument("--model", default=None, help="open_clip architecture or a path to an open_clip model-config JSON (default ViT-B-16)")
     p.add_argument("--pretrained", default=None, help="open_clip tag (e.g. openai), checkpoint path, or 'none' (default openai)")
     p.add_argument("--root", default=None, help="datasets root (CoOp layout)")
@@ -114,10 +128,13 @@ def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
         p.add_argument("--dataset", nargs="+", required=True, help="one or more dataset names")
         p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     else:
-        p.add_argument("--dataset", required=True)
+        p.add_argument("--dataset", default=None, help="dataset name (or DATASET.NAME of --dataset-config-file)")
         p.add_argument("--seed", type=int, default=None)
+        p.add_argument("--seeds", type=int, nargs="+", default=None,
+                       help="sweep: one run per seed (and per --shots value) into OUTPUT_DIR/shots_<k>/seed<s>")
         p.add_argument("--subsample", choices=["all", "base", "new"], default=None)
-    p.add_argument("--shots", type=int, default=None, help="images per class (default 16; -1 = all)")
+    p.add_argument("--shots", type=int, default=None, nargs=None if multi_dataset else "+",
+                   help="images per class (default 16; -1 = all)" + ("" if multi_dataset else "; several values: a sweep"))
     p.add_argument("--epochs", type=int, default=None, help="default: the method's official value")
     p.add_argument("--batch-size", type=int, default=None, help="default: the method's official value")
     p.add_argument("--test-batch-size", type=int, default=None)
@@ -129,6 +146,7 @@ def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--class-sharding", action="store_true", help="under torchrun: split the classes' text encoding over the ranks")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tensorboard", default=None, metavar="DIR", help="TensorBoard scalars per epoch (pip install tensorboard)")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="yacs-style KEY VALUE overrides, e.g. OPTIM.LR 0.002 TRAINER.COOP.N_CTX 4")
 
 
@@ -137,10 +155,16 @@ def _train(args: argparse.Namespace) -> int:
 
     from fastprompt.training.runner import train_run
 
+    shots_list = args.shots
+    args.shots = shots_list[0] if shots_list else None
     cfg = _train_config(args)
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)
-    cfg = dataclasses.replace(cfg, dataset=args.dataset)
+    cfg = dataclasses.replace(cfg, dataset=args.dataset or cfg.dataset)
+    if args.seeds or (shots_list and len(shots_list) > 1):  # a sweep (fastprompt/training/sweep.py)
+        from fastprompt.cli_ecosystem import run_sweep
+
+        return run_sweep(cfg, args.seeds or [cfg.seed], shots_list or [cfg.shots], args.resume)
     results, _, _ = train_run(cfg, resume=args.resume)
     if "accuracy" in results:
         print(f"{cfg.method} on {cfg.dataset} ({cfg.subsample} classes, seed {cfg.seed}): "
@@ -287,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsets.add_argument("--root", required=True)
     dsets.add_argument("--dataset", nargs="*", default=None, help="default: every known dataset")
     dsets.set_defaults(func=_datasets)
+
+    from fastprompt.cli_ecosystem import add_commands
+
+    add_commands(sub, _add_run_options)  # convert, summarize, zeroshot
     return parser
 
 

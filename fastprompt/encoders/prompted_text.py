@@ -4,7 +4,7 @@ Two paths over the same parameters:
 
 * ``reference_features`` is the official computation (CoOp's ``TextEncoder``): full context-length prompts,
   the tower's causal mask, ``ln_final`` and the projection at the EOT row. Slow on purpose; never optimise it.
-* ``fast_features`` computes the same function with far fewer tokens (DESIGN.md §1-2):
+* ``fast_features`` computes the same function with far fewer tokens (``docs/design.md``, "The engine"):
     - truncation: positions after a prompt's EOT never influence it (causal tower, EOT pooling);
     - shared prefix: the first ``P`` positions (SOS + context for the "end" position) are the same for every
       class of one context, so their hidden states are computed once per distinct context and every class

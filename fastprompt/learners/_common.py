@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from fastprompt._version import __version__
 from fastprompt.backbone import TextTower, check_clip_model, clip_source, freeze
+from fastprompt.interop import InteropMixin
 from fastprompt.ops._dispatch import BACKENDS, default_backend
 
 CONFIG_FILE = "fastprompt_config.json"
@@ -28,7 +29,7 @@ def default_tokenizer(tower: TextTower):
     return SimpleTokenizer(context_length=tower.context_length)
 
 
-class PromptLearner(nn.Module):
+class PromptLearner(InteropMixin, nn.Module):
     """Base of the learners: holds the frozen CLIP as ``self.clip``; subclasses add parameters and forward."""
 
     method: str = ""

@@ -101,8 +101,8 @@ class PromptKDHooks:
     DPC prompts: the student's trainable tensors (``vpt``, ``vpt_deep.*``, ``projector.*``) and the frozen
     PromptSRC teacher's *text* prompts (``teacher.prompts.ctx``, ``teacher.prompts.text_deep.*``): the DPC model
     classifies with the teacher's text tower driven by P' (frozen inside PromptKD, so collected explicitly).
-    Only the text ctx is de-mixed in ``official`` mode (spec §1.6); the rest trains directly.
-    Scoring (spec §1.5 step 1): the teacher's own image features against its frozen class text features.
+    Only the text ctx is de-mixed in ``official`` mode (the released ``sple_promptkd.py``); the rest trains directly.
+    Scoring (the released trainer's first step): the teacher's own image features against its frozen class text features.
     """
 
     image_uses_prompts = True
@@ -116,7 +116,7 @@ class PromptKDHooks:
         self.prompt_names = self.student_names + self.text_names
         self.demix_names = ["teacher.prompts.ctx"]
         self.buffer_names = [f"projector.{n}" for n, _ in backbone.projector.named_buffers()]
-        # official quirk: deep prompts are re-assigned through a python list, so they are not loaded (§1.6)
+        # official quirk: deep prompts are re-assigned through a python list, so they are not loaded
         self.fresh_in_official = [n for n in self.prompt_names if n.startswith(("vpt_deep.", "teacher.prompts.text_deep."))]
 
     def image_features(self, images, prompts):

@@ -31,7 +31,7 @@ per-group shift (packed, truncated; no 77-token padding). The MLP runs on the fu
 form) whenever dropout is inactive (eval, or dropout = 0; with active dropout it runs eagerly), the linear module on
 the op's one-layer form; the attention (C x C scores, a few MFLOP even for 1000 classes) stays plain torch.
 
-Official defaults differ per base (``CAPT_DEFAULTS``, spec §6.5); options left at None take them.
+Official defaults differ per base (``CAPT_DEFAULTS``, from Koorye/CaPT's configs; ``docs/methods/capt.md``); options left at None take them.
 
 Deliberate differences: the module's output width is the context width D (the official code uses the projection
 width, equal to D for every CLIP it supports); weights are stored in ``nn.Linear``'s [out, in] layout (the official

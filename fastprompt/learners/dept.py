@@ -37,7 +37,7 @@ from fastprompt.learners._family import (
 )
 from fastprompt.learners.registry import register_learner
 
-# DePT's per-baseline settings (configs/trainers/*, §5.5 of the spec): KgCoOp runs with W = 2.0 there.
+# DePT's per-baseline settings (DePT's configs/trainers/*; ``docs/methods/dept.md``): KgCoOp runs with W = 2.0 there.
 BASE_DEFAULTS: Dict[str, Dict[str, Any]] = {"coop": {}, "cocoop": {}, "kgcoop": {"w": 2.0}, "prograd": {}}
 SUPPORTED_BASES = ("coop", "cocoop", "kgcoop", "prograd", "maple", "promptsrc")
 

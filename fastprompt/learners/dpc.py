@@ -26,11 +26,11 @@ caches the frozen backbone's class features used for scoring, and reuses the sco
 original images when the backbone's image side has no prompts (CoOp). The reference is the official order:
 score with the head, encode every class at 77 tokens and index, encode all B' images.
 
-PromptKD backbone (``sple_promptkd.py``, spec §1.5-1.6): the DPC prompts are the student's ``vpt`` /
+PromptKD backbone (the released ``sple_promptkd.py``; ``docs/methods/dpc.md``): the DPC prompts are the student's ``vpt`` /
 ``vpt_deep.*`` / ``projector.*`` and the frozen teacher's text prompts (``teacher.prompts.ctx`` /
 ``text_deep.*``); only the text ctx is de-mixed (official). ``official`` starts ``vpt_deep.*`` and
 ``text_deep.*`` from N(0, 0.02) (the released list re-assignment does not load them; seeded with ``seed``),
-``paper`` clones everything. The teacher scores the batch (§1.5 step 1: its image and text features). The DPC
+``paper`` clones everything. The teacher scores the batch (the released trainer's first step: its image and text features). The DPC
 model keeps its own projector BatchNorm statistics (``bn_stats``, updated by the loss in train mode). Base:
 logit_scale * (student(P') + projector) . (teacher text tower with P')^T; new: the w_n-mixed student (the
 head's BN statistics) against the teacher's frozen text features. Modes simple / void are not offered.
@@ -276,7 +276,7 @@ class DPC(PromptLearner):
     # ------------------------------------------------------------------ inference
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> logits [B, C] with the current split's prompt."""
-        if hasattr(self.hooks, "logits"):  # PromptKD: split-specific heads (spec §1.6, Evaluation)
+        if hasattr(self.hooks, "logits"):  # PromptKD: split-specific heads (the released evaluation)
             return self.hooks.logits(self, images, self.split)
         prompts = self.inference_prompts()
         image_features = self.hooks.image_features(images, prompts)
@@ -340,7 +340,7 @@ class DPC(PromptLearner):
         labels = torch.as_tensor(labels, device=images.device).long()
         if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
             raise ValueError(f"labels must be [B={images.shape[0]}], got shape {tuple(labels.shape)}")
-        if hasattr(self.hooks, "score_features"):  # PromptKD: the teacher scores (spec §1.5 step 1)
+        if hasattr(self.hooks, "score_features"):  # PromptKD: the teacher scores (the released trainer's first step)
             feats, text = self.hooks.score_features(images)
         else:
             feats = self.hooks.image_features(images, self.tuned_prompts())

@@ -8,7 +8,7 @@ from fastprompt.learners.registry import get_learner_class
 
 
 def from_pretrained(directory: str, clip_model=None, classnames: Optional[Sequence[str]] = None, tokenizer=None, **overrides):
-    """Rebuild a learner from ``directory``.
+    """Rebuild a learner from ``directory`` (a ``save_pretrained`` folder, or a Hub repository "user/repo").
 
     Args:
         clip_model: the open_clip model to attach; when None it is rebuilt with ``fastprompt.load_clip`` from
@@ -16,6 +16,9 @@ def from_pretrained(directory: str, clip_model=None, classnames: Optional[Sequen
         classnames: evaluate on other classes (base-to-new); default: the classes it was saved with.
         **overrides: config options to change (e.g. ``backend="reference"``).
     """
+    from fastprompt.hub import resolve
+
+    directory = resolve(directory)  # a Hub repository id ("user/repo") -> its downloaded snapshot
     meta = read_pretrained(directory)
     if clip_model is None:
         if not meta.get("clip_model"):

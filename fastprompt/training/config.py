@@ -24,8 +24,8 @@ PRECISIONS = ("fp32", "fp64", "bf16", "fp16", "amp")
 SCHEDULES = ("cosine", "warmup_cosine")  # fastprompt.training.schedule
 SUBSAMPLES = ("all", "base", "new")
 
-# Per-method optimisation defaults of the official configs (spec methods_coop_family.md §7.9, §5.5, §6.5 and
-# methods_dpc_vapt_softcpt.md §2-4; the method files' docstrings). ``epochs=None`` means "depends on the shots"
+# Per-method optimisation defaults of the official configs (the official YAML files,
+# summarised on the pages of docs/methods/ and in the method files' docstrings). ``epochs=None`` means "depends on the shots"
 # (CoOp's and DAPT's few-shot scripts, see default_epochs). Keys besides epochs / batch_size / lr override
 # DASSL_OPTIM (the Dassl solver every CoOp-family config uses).
 DASSL_OPTIM: Dict[str, Any] = {"weight_decay": 5e-4, "warmup_epoch": 1, "lr_scheduler": "cosine", "lr_batch_scaling": False}
@@ -61,7 +61,7 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "kgcoop": {"epochs": 100, "batch_size": 128, "lr": 0.002},
     "dept": {"epochs": 10, "batch_size": 4, "lr": 0.0035},
     "capt": {"epochs": 10, "batch_size": 4, "lr": 0.0035},
-    "decapt": {"epochs": 10, "batch_size": 4, "lr": 0.0035},  # CaPT configs (§6.5); head/FiLM x18 in the learner
+    "decapt": {"epochs": 10, "batch_size": 4, "lr": 0.0035},  # CaPT configs; head/FiLM x18 in the learner
     "prograd": {"epochs": 10, "batch_size": 4, "lr": 0.0035},  # CaPT's ProGrad baseline (ProGrad/vit_b16_ep10_ctx_batch4)
     "maple": {"epochs": 5, "batch_size": 4, "lr": 0.0035},
     "ivlp": {"epochs": 5, "batch_size": 4, "lr": 0.0035},  # IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml
@@ -74,11 +74,11 @@ METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
                  "learner_by_dataset": {"fgvc_aircraft": {"kd_weight": 200.0}, "oxford_flowers": {"kd_weight": 200.0}}},
     "softcpt": {"epochs": 50, "batch_size": 32, "lr": 0.002},
     # DAPT: few-shot (subsample "all") from DAPT's repo; base-to-new (subsample base/new) from CaPT's DAPT
-    # baseline (UCPDAPT: batch 4, lr 0.0035, 10 epochs, the learner's default betas), spec §6.5.
+    # baseline (UCPDAPT: batch 4, lr 0.0035, 10 epochs, the learner's default betas; docs/methods/capt.md).
     "dapt": {"epochs": None, "batch_size": 32, "lr": 0.002, "lr_by_dataset": DAPT_LR, "learner_by_dataset": DAPT_BETAS,
              "base2new": {"epochs": 10, "batch_size": 4, "lr": 0.0035}},
     "vpt": dict(VPT_OPTIM, batch_size=128),  # KMnP/vpt configs/base-prompt.yaml
-    "vapt": dict(VPT_OPTIM, batch_size=64),  # VAPT configs/base-prompt.yaml and README (spec §3.4)
+    "vapt": dict(VPT_OPTIM, batch_size=64),  # VAPT configs/base-prompt.yaml and README
 }
 GENERIC = {"epochs": 10, "batch_size": 32, "lr": 0.002}
 
@@ -153,11 +153,13 @@ class TrainConfig:
     lr_batch_scaling: Optional[bool] = None  # train at lr * global batch / 256 (VPT); None: the method's
     precision: str = "fp32"
     grad_clip: Optional[float] = None  # max grad norm; None = off, as the official code
-    num_workers: int = 4
+    num_workers: int = min(4, os.cpu_count() or 1)  # more workers than cores only slows down (and warns)
     device: str = "auto"
     output_dir: str = "output"
     class_sharding: bool = False  # multi-process only: each rank encodes a slice of the classes
     progress: bool = True
+    print_freq: Optional[int] = None  # TRAIN.PRINT_FREQ: also a line every N batches (None: per epoch only)
+    tensorboard: Optional[str] = None  # a directory: TensorBoard scalars per epoch (needs the tensorboard package)
     learner: Dict[str, Any] = field(default_factory=dict)  # the learner config's fields
 
     def to_dict(self) -> Dict[str, Any]:
@@ -233,7 +235,7 @@ _DASSL_KEYS = {
     "DATALOADER.NUM_WORKERS": "num_workers", "DATASET.NAME": "dataset", "DATASET.ROOT": "root",
     "DATASET.NUM_SHOTS": "shots", "DATASET.SUBSAMPLE_CLASSES": "subsample", "SEED": "seed",
     "OUTPUT_DIR": "output_dir", "MODEL.BACKBONE.NAME": "model", "TRAINER.NAME": "method",
-    "OPTIM.LR_SCHEDULER": "lr_scheduler",
+    "OPTIM.LR_SCHEDULER": "lr_scheduler", "TRAIN.PRINT_FREQ": "print_freq",
     # VPT / VAPT (fvcore) names of the same settings
     "SOLVER.BASE_LR": "lr", "SOLVER.TOTAL_EPOCH": "epochs", "SOLVER.WARMUP_EPOCH": "warmup_epoch",
     "SOLVER.WEIGHT_DECAY": "weight_decay", "SOLVER.MOMENTUM": "momentum", "DATA.BATCH_SIZE": "batch_size",
@@ -292,7 +294,7 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
 _FIELD_DEFAULTS = {f.name: (f.default if f.default is not dataclasses.MISSING else None)
                    for f in dataclasses.fields(TrainConfig)}
 _NUMERIC_OPTIONAL = {"epochs": 1, "batch_size": 1, "lr": 1.0, "grad_clip": 1.0, "pretrained": "", "weight_decay": 1.0,
-                     "warmup_epoch": 1, "lr_scheduler": "", "lr_batch_scaling": False}
+                     "warmup_epoch": 1, "lr_scheduler": "", "lr_batch_scaling": False, "print_freq": 1}
 
 
 def _set(cfg: TrainConfig, key: str, raw: Any) -> TrainConfig:

@@ -81,7 +81,7 @@ def summarize_base2new(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Per-dataset rows and the "Average" row from per-seed runs ``{"dataset", "seed", "base", "new"}``.
 
     Each dataset's B and N are the means over its seeds and H = HM(B, N); the average row takes the mean B and
-    mean N over datasets and H = HM(mean B, mean N), as the papers compute it (spec §7.6), not the mean of H.
+    mean N over datasets and H = HM(mean B, mean N), as the papers compute it, not the mean of H.
     """
     if not runs:
         raise ValueError("no base-to-new runs to summarize")

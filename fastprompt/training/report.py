@@ -56,12 +56,28 @@ def write_markdown(path: str, text: str) -> str:
     return path
 
 
-def plot_base2new(rows: Sequence[Dict[str, Any]], path: str, title: str = "base-to-new") -> str:
-    """Grouped bars of base / new / HM accuracy per dataset (and the average) as a PNG."""
-    import matplotlib
+def has_matplotlib() -> bool:
+    """True when matplotlib (the optional ``fastprompt[plot]`` extra) can be imported."""
+    import importlib.util
 
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend; ImportError with the install line when the extra is absent."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'fastprompt[plot]' (or pip install matplotlib)") from None
     matplotlib.use("Agg", force=True)  # no display needed; safe in worker processes and CI
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_base2new(rows: Sequence[Dict[str, Any]], path: str, title: str = "base-to-new") -> str:
+    """Grouped bars of base / new / HM accuracy per dataset (and the average) as a PNG."""
+    plt = pyplot()
 
     names = [r["dataset"] for r in rows]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.6), dpi=100)
@@ -94,6 +110,8 @@ def write_report(directory: str, stem: str, rows: List[Dict[str, Any]], columns:
         "markdown": write_markdown(os.path.join(directory, f"{stem}.md"),
                                    (f"### {title}\n\n" if title else "") + markdown_table(rows, columns)),
     }
-    if plot:
+    if plot and has_matplotlib():  # the plot is optional (fastprompt[plot]); tables are always written
         paths["png"] = plot_base2new(rows, os.path.join(directory, f"{stem}.png"), title=title or stem)
+    elif plot:
+        print(f"[fastprompt] no {stem}.png: matplotlib is not installed (pip install 'fastprompt[plot]')")
     return paths

@@ -9,11 +9,13 @@ import collections
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from fastprompt.training.config import TrainConfig, base2new_protocol, resolve_defaults
+from fastprompt.training.console import RunsETA
 from fastprompt.training.data import DatumDataset, test_transform, train_transform
 from fastprompt.training.distributed import dist_info, init_distributed
 from fastprompt.training.evaluate import evaluate, summarize_base2new, summarize_cross_dataset
@@ -221,8 +223,14 @@ def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int]
     root_out = cfg.output_dir
     protocol = base2new_protocol(cfg.method)
     runs: List[Dict[str, Any]] = []
+    total = len(datasets) * len(seeds)
+    eta = RunsETA(total)
     for name in datasets:
         for seed in seeds:
+            if dist_info().is_main:
+                print(f"[fastprompt] base2new run {len(runs) + 1}/{total}: {cfg.method} on {name}, seed {seed}"
+                      + eta.text(total - len(runs)), flush=True)
+            started = time.perf_counter()
             run_cfg = dataclasses.replace(cfg, dataset=name, seed=int(seed), subsample=protocol["train_subsample"],
                                           output_dir=os.path.join(root_out, name, f"seed{seed}"))
             if resume:
@@ -244,6 +252,7 @@ def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int]
                 write_json(os.path.join(run_cfg.output_dir, f"results_{part}.json"), tested)
                 accuracy[part] = tested["accuracy"]
             runs.append({"dataset": name, "seed": int(seed), "base": accuracy["base"], "new": accuracy["new"]})
+            eta.add(time.perf_counter() - started)
     if not dist_info().is_main:
         return {}
     rows = summarize_base2new(runs)

@@ -7,11 +7,11 @@ last batch), so the learning rate is a function of the epoch index alone:
     epoch e <  W :  lr = warmup_lr                                  (every group, whatever its base lr)
     epoch e >= W :  lr = 0.5 * base_lr * (1 + cos(pi * (e - W) / E))  (each group from its own base lr)
 
-with W = warm-up epochs and E = max epochs (spec methods_coop_family.md §7.8). With W = 1, epoch 1 trains at
+with W = warm-up epochs and E = max epochs (Dassl's cosine scheduler with a constant warm-up). With W = 1, epoch 1 trains at
 the full base lr, and the last epoch at 0.5 * lr * (1 + cos(pi * (E - 2) / E)): the lr never reaches 0.
 
 VPT / VAPT (``KMnP/vpt`` ``src/solver/lr_scheduler.py::WarmupCosineSchedule``, a ``LambdaLR`` that the
-trainer steps once per epoch, after the last batch; spec methods_dpc_vapt_softcpt.md §2, §3.4) use schedule
+trainer steps once per epoch, after the last batch; VAPT uses the same solver) use schedule
 kind ``"warmup_cosine"``: a linear warm-up *from 0* over W epochs, then a half cosine down to 0 over the
 remaining E - W epochs:
 

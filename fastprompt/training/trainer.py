@@ -33,6 +33,7 @@ from fastprompt.training.checkpoint import (
     CHECKPOINT_FILE, CheckpointError, check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
 from fastprompt.training.config import VPT_REFERENCE_BATCH, TrainConfig, resolve_defaults
+from fastprompt.training.console import EpochReporter, tensorboard_dir
 from fastprompt.training.data import EpochBatchSampler, collate, epoch_seed
 from fastprompt.training.distributed import average_gradients, broadcast_trainable, dist_info, sharded_compute_loss
 from fastprompt.training.schedule import EpochLRSchedule
@@ -194,13 +195,17 @@ class Trainer:
         if self.splits is not None and not (self.extra_restored
                                             and getattr(self.learner, "training_state_includes_train_data", False)):
             self.learner.attach_train_data(self.splits)
+        board = tensorboard_dir(cfg.tensorboard, cfg) if cfg.tensorboard and self.dist.is_main else None
+        reporter = EpochReporter(cfg.epochs, start, cfg.progress and self.dist.is_main, board)
         for epoch in range(start, cfg.epochs):
             self._train_epoch(epoch)
+            reporter.epoch_done(self.history[-1])  # a line per epoch stays on screen, with the run's ETA
             self.learner.on_epoch_end(epoch, cfg.epochs)
             if ckpt and self.dist.is_main:
                 save_checkpoint(ckpt, self._payload(epoch + 1))
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
+        reporter.close()
         return self.history
 
     def _train_epoch(self, epoch: int) -> None:
@@ -224,7 +229,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self.sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-        for images, labels in self.loader:
+        for batch_idx, (images, labels) in enumerate(self.loader):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
@@ -257,9 +262,13 @@ class Trainer:
                 correct += int((logits.detach().argmax(-1) == labels).sum())
                 scored += n
             seen += n
+            if cfg.print_freq and self.dist.is_main and (batch_idx + 1) % cfg.print_freq == 0:  # TRAIN.PRINT_FREQ
+                line = (f"epoch {epoch + 1}/{cfg.epochs} batch {batch_idx + 1}/{len(self.sampler)} "
+                        f"loss {float(loss.detach()):.4f} lr {lrs[0]:.2e}")
+                (bar.write if bar is not None else print)(line)
             if bar is not None:
                 dt = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{seen * self.dist.world_size / dt:.1f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{seen * self.dist.world_size / dt:.1f}")
                 bar.update(1)
         if bar is not None:
             bar.close()

@@ -127,7 +127,7 @@ def test_capt_init_and_parameter_counts_on_vit_b16():
     model, _, tokenizer = fastprompt.load_clip("ViT-B-16", pretrained=None)
     learner = fastprompt.create_learner("capt", model, ["dog", "cat"], tokenizer=tokenizer)
     mlp_params = sum(p.numel() for p in learner.transfer.parameters())
-    assert mlp_params == 33_312  # 512*32 + 32 + 32*512 + 512 (spec §6.3)
+    assert mlp_params == 33_312  # 512*32 + 32 + 32*512 + 512 (docs/methods/capt.md)
     assert learner.num_trainable_parameters() == 2_048 + 33_312  # + CoOp's 4 x 512 context
     # Official init: U(+-1/sqrt(out_features)) for weights and biases.
     assert float(learner.transfer.down.weight.abs().max()) <= 1 / math.sqrt(32) and float(learner.transfer.down.weight.abs().max()) > 0.9 / math.sqrt(32)

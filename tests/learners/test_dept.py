@@ -100,7 +100,7 @@ def test_dept_param_groups_and_counts():
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in trainable(learner))
     assert {id(p) for p in groups[1]["params"]} == {id(p) for m in (learner.film_text, learner.film_img, learner.head) for p in m.parameters()}
-    # 2 x 2E (FiLM) + E*C + C (head) on top of the base's context: spec §5.5.
+    # 2 x 2E (FiLM) + E*C + C (head) on top of the base's context: DePT's module layout.
     assert learner.num_trainable_parameters() == 16 * D + 2 * 2 * E + E * len(NAMES) + len(NAMES)
 
 

@@ -1,4 +1,4 @@
-"""DPC over PromptKD (``sple_promptkd.py``, spec §1.5-1.6): fast == official reference (DHNO loss, [B', B']
+"""DPC over PromptKD (the released ``sple_promptkd.py``): fast == official reference (DHNO loss, [B', B']
 logits, the gradient of every trainable tensor incl. the projector, BatchNorm statistics), the official vs paper
 initialisation, the base / new evaluation heads, the teacher as the sampler, state round trips.
 

@@ -1,7 +1,7 @@
 """Every registered learner, one training step on a device: fast path == reference on the loss, the logits and
 the gradient of every trainable tensor.
 
-* float32, backends "auto" and "triton": relative error <= 1e-5 (DESIGN.md §5).
+* float32, backends "auto" and "triton": relative error <= 1e-5 (docs/design.md, exactness contract).
 * bf16 autocast: the reference itself is rounded, so (as ``tests/test_autocast.py``) the fast path's error
   against the float32 reference must be within a small factor of the autocast reference's own error.
 

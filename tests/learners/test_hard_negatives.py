@@ -1,6 +1,6 @@
 """DPC's hard-negative miner on hand-built score matrices, and the pre-indexed image library.
 
-Expected lists are written by hand from the algorithm of the spec (§1.5): top-K minus the ground truth in rank
+Expected lists are written by hand from DPC's released miner (docs/methods/dpc.md): top-K minus the ground truth in rank
 order, non-repeat against every ground truth and every earlier sample's negatives, then a bounded random
 fallback (CoOp: randint(1, C-2)) up to two negatives.
 """

@@ -67,7 +67,7 @@ def test_config_files(tmp_path):
 
 
 def test_base2new_average_is_hm_of_averages():
-    # spec §7.6: CoCoOp's average B 80.47 and N 71.69 give H 75.83 (not the mean of per-dataset H)
+    # as the papers compute it: CoCoOp's average B 80.47 and N 71.69 give H 75.83 (not the mean of per-dataset H)
     assert harmonic_mean(80.47, 71.69) == pytest.approx(75.83, abs=5e-3)
     runs = [{"dataset": "a", "seed": 1, "base": 90.0, "new": 60.0}, {"dataset": "a", "seed": 2, "base": 80.0, "new": 70.0},
             {"dataset": "b", "seed": 1, "base": 50.0, "new": 10.0}]

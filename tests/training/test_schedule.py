@@ -1,4 +1,4 @@
-"""Dassl's per-epoch learning rate (spec methods_coop_family.md §7.8), alone and inside the Trainer."""
+"""Dassl's per-epoch learning rate (constant warm-up, then cosine per epoch), alone and inside the Trainer."""
 from __future__ import annotations
 
 import math
