@@ -49,12 +49,15 @@ def _layout(cu_seqlens: torch.Tensor, T: int, N: int, S: int):
     return pad_rows, valid.view(N, S, 1, 1), slot_of_row
 
 
-def _pad(x: torch.Tensor, pad_rows: torch.Tensor, N: int, S: int) -> torch.Tensor:
-    """[T, H, dh] packed -> [N, H, S, dh] padded, contiguous (pad slots hold some valid row, masked later).
+def _pad(x: torch.Tensor, pad_rows: torch.Tensor, valid: torch.Tensor, N: int, S: int) -> torch.Tensor:
+    """[T, H, dh] packed -> [N, H, S, dh] padded, contiguous, pad slots zero.
 
-    Made contiguous once here: each padded tensor feeds two or three matmuls, which would copy a strided
-    operand each time."""
-    return x.index_select(0, pad_rows).view(N, S, x.shape[1], x.shape[2]).transpose(1, 2).contiguous()
+    Pad slots are zeroed (not just masked later): they gather another pair's row, and a masked probability
+    0 times a non-finite value of that row would still be NaN. Made contiguous once here: each padded tensor
+    feeds two or three matmuls, which would copy a strided operand each time."""
+    rows = x.index_select(0, pad_rows).view(N, S, x.shape[1], x.shape[2])
+    rows = torch.where(valid, rows, torch.zeros((), dtype=x.dtype, device=x.device))
+    return rows.transpose(1, 2).contiguous()
 
 
 def _unpad(x: torch.Tensor, slot_of_row: torch.Tensor) -> torch.Tensor:
@@ -130,7 +133,7 @@ class _PrefixAttention(torch.autograd.Function):
         scale = 1.0 / math.sqrt(dh)
         pad_rows, valid, slot_of_row = _layout(cu_seqlens, T, N, S)
         pre = _Prefix(k_prefix, v_prefix, g_idx, pairs_per_group)
-        qs, ks, vs = _pad(q, pad_rows, N, S), _pad(k, pad_rows, N, S), _pad(v, pad_rows, N, S)
+        qs, ks, vs = (_pad(x, pad_rows, valid, N, S) for x in (q, k, v))
         probs, lse = _probs(qs, ks, pre, scale, None)
         out = pre.mul(probs[..., :P], "v", transpose=False) + torch.matmul(probs[..., P:], vs)  # [N, H, S, dh]
         lse_rows = _unpad(lse.unsqueeze(-1), slot_of_row).squeeze(-1)  # [T, H]
@@ -146,13 +149,12 @@ class _PrefixAttention(torch.autograd.Function):
         scale = 1.0 / math.sqrt(dh)
         pad_rows, valid, slot_of_row = _layout(cu_seqlens, T, N, S)
         pre = _Prefix(k_prefix, v_prefix, g_idx, ctx.pairs_per_group)
-        qs, ks, vs = _pad(q, pad_rows, N, S), _pad(k, pad_rows, N, S), _pad(v, pad_rows, N, S)
-        lse = _pad(lse_rows.unsqueeze(-1), pad_rows, N, S).squeeze(-1)
+        qs, ks, vs = (_pad(x, pad_rows, valid, N, S) for x in (q, k, v))
+        lse = _pad(lse_rows.unsqueeze(-1), pad_rows, valid, N, S).squeeze(-1)
         probs, _ = _probs(qs, ks, pre, scale, lse)
-        # pad query rows carry no gradient (their lse is another row's: exp may overflow, so select, not multiply)
-        row_ok = valid.view(N, 1, S, 1)
-        probs = torch.where(row_ok, probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
-        do = torch.where(row_ok, _pad(dout, pad_rows, N, S), torch.zeros((), dtype=dout.dtype, device=dout.device))
+        # pad query rows carry no gradient (zero q and lse there give finite probabilities, dropped here)
+        probs = torch.where(valid.view(N, 1, S, 1), probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
+        do = _pad(dout, pad_rows, valid, N, S)
         p_pre, p_own = probs[..., :P], probs[..., P:]
         dp = torch.cat([pre.mul(do, "v", transpose=True), torch.matmul(do, vs.transpose(-1, -2))], dim=-1)
         # softmax backward: dS = P * (dP - rowsum(P * dP)); rowsum(P * dP) = dO . O, without keeping O
