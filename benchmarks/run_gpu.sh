@@ -6,7 +6,7 @@
 #
 # Stages, in order, each under its own `timeout` and each writing $OUT/<stage>.log (and its result files) before
 # the next starts, so a stage that fails or hangs still leaves the others' results:
-#   build      wheels carried in .whl/ (open_clip_torch, ftfy, wcwidth: /work/shared/gpu/prepare.sh fetches them)
+#   build      wheels carried in .whl/ (open_clip_torch, ftfy, wcwidth: fetched beforehand on a machine with a package index)
 #              installed with --no-deps into .site/ (no pip resolution of test extras: the machine is offline and
 #              its torch / Triton may be older than ours), then `python setup.py build_ext --inplace` with
 #              FORCE_CUDA=1, MAX_JOBS=16 and TORCH_CUDA_ARCH_LIST of the visible GPU; env report.
@@ -75,7 +75,7 @@ build() {
   if compgen -G ".whl/*.whl" > /dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || return 1
   else
-    echo "no wheels in .whl/ (on the CPU machine: /work/shared/gpu/prepare.sh, then carry .whl)"
+    echo "no wheels in .whl/ (fetch open_clip_torch, ftfy and wcwidth wheels there first; using what is installed)"
   fi
   "$PY" -c 'import torch, open_clip; print("torch", torch.__version__, "cuda", torch.version.cuda, "open_clip", open_clip.__version__)' || return 1
   "$PY" -c 'import triton; print("triton", triton.__version__)' || echo "triton not importable"

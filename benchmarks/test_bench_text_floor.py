@@ -5,13 +5,13 @@ with the other benchmarks). Each case is a text-side training step as the traine
 an fp32 ViT-B-16 (random weights): the prompts (for CoCoOp the meta-net conditioning on each image), the text
 tower forward + backward, logits against B fixed normalised image features, cross-entropy, gradients of every
 trainable tensor. Reference (the official 77-token path) and fast path in the same run, each with its peak
-memory; the floor is ``specs/performance.md`` Table 4.3's prefix-shared text floor for an H100 (bf16, 798
-TFLOP/s, 3.0 TB/s), reported only on an H100 / H200.
+memory; the floor is the prefix-shared text floor for an H100 (the bytes and FLOPs a step cannot avoid, see
+docs/design.md, speed contract; bf16, 798 TFLOP/s, 3.0 TB/s), reported only on an H100 / H200.
 
 * CoOp, N = 1000 ImageNet classes, M = 16, B = 32: target >= 10x the reference, <= 3x the floor (1.22 ms).
 * CoCoOp, B = 32 x N = 100 (Caltech101), M = 4: target >= 20x, <= 3x the floor (4.29 ms).
 * CoCoOp, B = 32 x N = 1000 (ImageNet), M = 4: the fast path must fit in the GPU's memory; the reference does not
-  fit (Table 4.3: ~306 GB of activations), so it is not run: its memory need is extrapolated from its measured
+  fit (~306 GB of activations by the same model), so it is not run: its memory need is extrapolated from its measured
   peak at N = 100 (activations grow linearly in B x N), and the row says so.
 
 On a CPU the same code runs at toy sizes in float32 (a smoke test of the harness; no floors, no targets).
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from benchmarks.conftest import median_ms, record
 from fastprompt.bench import BenchCase, _rel, _sync, build_case
 
-# (case, Table 4.3 prefix-shared floor in ms on an H100, speed-up target, floor-multiple target)
+# (case, prefix-shared floor in ms on an H100, speed-up target, floor-multiple target)
 GPU_CASES = {
     "coop-N1000": (BenchCase("coop", 1000, batch=32, dataset="imagenet", n_ctx=16), 1.22, 10.0, 3.0),
     "cocoop-B32xN100": (BenchCase("cocoop", 100, batch=32, dataset="caltech101", n_ctx=4), 4.29, 20.0, 3.0),
@@ -86,7 +86,7 @@ def test_text_floor(benchmark, case_id, device):
     gpu = device.type == "cuda"
     case, floor_ms, speedup_target, floor_target = (GPU_CASES if gpu else CPU_CASES)[case_id]
     if not _on_h100_class(device):
-        floor_ms = speedup_target = floor_target = None  # Table 4.3 is an H100 floor
+        floor_ms = speedup_target = floor_target = None  # the floors are for an H100
     learner, feats, _ = build_case(case, device, torch.float32)
     labels = torch.arange(case.batch, device=device) % case.classes
     step = _step(learner, feats, labels, amp=gpu)
