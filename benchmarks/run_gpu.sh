@@ -1,24 +1,22 @@
 #!/usr/bin/env bash
-# Everything the GPU session does, in one call from the repository root of a GPU machine:
+# The GPU validation run, in one device call of at most 9 minutes on a fresh H100 / H200, from the repository root:
 #
-#   bash benchmarks/run_gpu.sh                 # all steps: setup env tests bench (fits one 600 s device call)
-#   bash benchmarks/run_gpu.sh setup env tests # or split over two calls on the warm machine (carry .whl):
-#   T_BENCH=570 bash benchmarks/run_gpu.sh bench   # ... the second one gives the benchmarks the whole call
+#   bash benchmarks/run_gpu.sh              # every stage, results under $OUT (default ./gpu_out)
+#   DRY_RUN=1 bash benchmarks/run_gpu.sh    # on the CPU: every stage at toy sizes (checks the plumbing)
 #
-# Steps (each under its own time limit, so one failing or hanging step still leaves the others' results):
-#   setup  install the wheels carried in .whl/ into .site/ (see /work/shared/gpu/prepare.sh: the machine is
-#          offline, torch/triton/pytest/timm are there, open_clip_torch + ftfy + wcwidth come as wheels), then
-#          `pip install --no-build-isolation -e ".[test]"` with FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST of the
-#          visible GPU (falls back to `--no-deps`, then to `setup.py build_ext --inplace`)
-#   env    nvidia-smi and `fastprompt env` (what is built, which backends run)
-#   tests  pytest tests -m gpu (junit xml)
-#   bench  pytest benchmarks --benchmark-only with FASTPROMPT_BENCH_JSON=$OUT/bench.json
-#
-# Results go to $OUT (default ./gpu_out): one log per step, steps.tsv (step, exit status, seconds),
-# junit-gpu.xml, bench.json. The device tool kills a command after 600 s, so the default limits add up to less
-# than that; override with T_SETUP / T_ENV / T_TESTS / T_BENCH (seconds). BENCH_FILES (default: every
-# benchmarks/test_bench_*.py, text_floor and training_step first)
-# and TEST_ARGS / BENCH_ARGS (extra pytest arguments) narrow a run.
+# Stages, in order, each under its own `timeout` and each writing $OUT/<stage>.log (and its result files) before
+# the next starts, so a stage that fails or hangs still leaves the others' results:
+#   build      wheels carried in .whl/ (open_clip_torch, ftfy, wcwidth: fetched beforehand on a machine with a package index)
+#              installed with --no-deps into .site/ (no pip resolution of test extras: the machine is offline and
+#              its torch / Triton may be older than ours), then `python setup.py build_ext --inplace` with
+#              FORCE_CUDA=1, MAX_JOBS=16 and TORCH_CUDA_ARCH_LIST of the visible GPU; env report.
+#   ops        pytest -m gpu tests/ops -x -q -rfE (junit xml)
+#   learners   pytest -m gpu tests/learners -x -q -rfE (junit xml)
+#   profile    benchmarks/profile_gpu.py: CoCoOp B=32 x N=100 and CoOp N=1000, reference / fast / compiled: median
+#              of 10 steps (CUDA events), top-30 kernels, host syncs (sync debug mode), peak memory (JSON)
+#   floor      pytest benchmarks/test_bench_text_floor.py --benchmark-only (bench.json)
+# steps.tsv lists each stage's exit status and seconds. Limits (seconds, sum <= 540 by default): T_BUILD T_OPS
+# T_LEARNERS T_PROFILE T_FLOOR. STAGES="ops profile" runs a subset (e.g. on a warm machine already built).
 set -uo pipefail
 
 cd "$(dirname "$0")/.." || exit 1
@@ -26,94 +24,82 @@ ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-T_SETUP=${T_SETUP:-240}
-T_ENV=${T_ENV:-30}
-T_TESTS=${T_TESTS:-150}
-T_BENCH=${T_BENCH:-150}
-# The GPU issues' own measurements first (text engine vs its floor, whole training steps), then the rest: a run cut
-# short by its time limit keeps those (bench.json is rewritten after every row).
-PRIORITY_BENCH="benchmarks/test_bench_text_floor.py benchmarks/test_bench_training_step.py"
-OTHER_BENCH=$(ls benchmarks/test_bench_*.py | grep -v -e test_bench_text_floor -e test_bench_training_step | tr '\n' ' ')
-BENCH_FILES=${BENCH_FILES:-$PRIORITY_BENCH $OTHER_BENCH}
-TEST_ARGS=${TEST_ARGS:-}
-BENCH_ARGS=${BENCH_ARGS:-}
+DRY_RUN=${DRY_RUN:-0}
+T_BUILD=${T_BUILD:-200}
+T_OPS=${T_OPS:-80}
+T_LEARNERS=${T_LEARNERS:-70}
+T_PROFILE=${T_PROFILE:-120}
+T_FLOOR=${T_FLOOR:-70}
+STAGES=${STAGES:-build ops learners profile floor}
 
-# open_clip and its text-cleaning deps from .whl/ (installed into .site/), the checkout itself importable even
-# if the editable install fails.
 export PYTHONPATH="$ROOT/.site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export FORCE_CUDA=1
-export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
-  if [ -z "$arch" ]; then
-    arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)
+export MAX_JOBS=${MAX_JOBS:-16}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+if [ "$DRY_RUN" = 1 ]; then
+  # Plumbing check on a CPU machine: no extension build (the checkout's own build is used), the GPU test
+  # selections are collected (they skip without CUDA), the profile and floor benchmark run at toy sizes.
+  PYTEST_DRY=(--co)
+  PROFILE_ARGS=(--dry-run)
+  FLOOR_K=(-k "coop-N1000")
+else
+  export FORCE_CUDA=1
+  PYTEST_DRY=()
+  PROFILE_ARGS=()
+  FLOOR_K=()
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+    [ -z "$arch" ] && arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)
+    export TORCH_CUDA_ARCH_LIST=${arch:-9.0}
   fi
-  export TORCH_CUDA_ARCH_LIST=${arch:-9.0}
 fi
 
-printf 'step\tstatus\tseconds\n' > "$OUT/steps.tsv"
+printf 'stage\tstatus\tseconds\n' > "$OUT/steps.tsv"
 
-# run_step NAME LIMIT COMMAND...: COMMAND under `timeout LIMIT`, output to $OUT/NAME.log, status to steps.tsv.
-run_step() {
+# stage NAME LIMIT COMMAND...: COMMAND under `timeout LIMIT`, output to $OUT/NAME.log, status to steps.tsv.
+stage() {
   local name=$1 limit=$2
   shift 2
   local start=$SECONDS status
-  echo "=== $name (limit ${limit}s)" | tee -a "$OUT/$name.log"
-  timeout --kill-after=10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
+  echo "=== $name (limit ${limit}s)" > "$OUT/$name.log"
+  timeout --kill-after=5 "$limit" "$@" >> "$OUT/$name.log" 2>&1
   status=$?
   [ "$status" -eq 124 ] && echo "=== $name: TIMED OUT after ${limit}s" >> "$OUT/$name.log"
-  printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" | tee -a "$OUT/steps.tsv"
-  tail -n 5 "$OUT/$name.log"
+  printf '%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" >> "$OUT/steps.tsv"
+  echo "--- $name: status $status, $((SECONDS - start)) s"
+  tail -n 4 "$OUT/$name.log"
   return 0
 }
 
-setup() {
-  set -e
+build() {
   if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target .site .whl/*.whl || return 1
   else
-    echo "no wheels in .whl/ (run /work/shared/gpu/prepare.sh on the CPU machine and carry .whl)"
+    echo "no wheels in .whl/ (fetch open_clip_torch, ftfy and wcwidth wheels there first; using what is installed)"
   fi
-  set +e
-  "$PY" -c 'import open_clip; print("open_clip", open_clip.__version__)' || return 1
-  echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST FORCE_CUDA=$FORCE_CUDA MAX_JOBS=$MAX_JOBS"
-  # Offline: --no-index, so pip resolves the [test] extras against what is installed (.site is on the path).
-  "$PY" -m pip install --no-build-isolation --no-index -e ".[test]" && return 0
-  echo "editable install with dependency check failed; retrying with --no-deps"
-  "$PY" -m pip install --no-build-isolation --no-index --no-deps -e . && return 0
-  echo "editable install failed; building the extension in place (the checkout is on PYTHONPATH)"
-  "$PY" setup.py build_ext --inplace -q
-}
-
-env_report() {
-  nvidia-smi
-  "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
+  "$PY" -c 'import torch, open_clip; print("torch", torch.__version__, "cuda", torch.version.cuda, "open_clip", open_clip.__version__)' || return 1
+  "$PY" -c 'import triton; print("triton", triton.__version__)' || echo "triton not importable"
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "DRY_RUN: no extension build"
+  else
+    nvidia-smi || true
+    echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST FORCE_CUDA=$FORCE_CUDA MAX_JOBS=$MAX_JOBS"
+    "$PY" setup.py build_ext --inplace -q || return 1
+  fi
   "$PY" -m fastprompt.cli env
 }
 
-steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(setup env tests bench)
-for step in "${steps[@]}"; do
-  case $step in
-    setup|env|tests|bench) ;;
-    *) echo "unknown step '$step' (choose from: setup env tests bench)" >&2; exit 2 ;;
-  esac
-done
-for step in "${steps[@]}"; do
-  case $step in
-    setup) run_step setup "$T_SETUP" bash -c "$(declare -f setup); PY='$PY'; setup" ;;
-    env) run_step env "$T_ENV" bash -c "$(declare -f env_report); PY='$PY'; env_report" ;;
-    tests)
-      # shellcheck disable=SC2086  # TEST_ARGS is a list of extra arguments
-      run_step tests "$T_TESTS" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider \
-        --junitxml="$OUT/junit-gpu.xml" $TEST_ARGS ;;
-    bench)
-      export FASTPROMPT_BENCH_JSON="$OUT/bench.json"
-      # shellcheck disable=SC2086  # BENCH_FILES / BENCH_ARGS are lists
-      run_step bench "$T_BENCH" "$PY" -m pytest $BENCH_FILES \
-        --benchmark-only -q -p no:cacheprovider --benchmark-json="$OUT/pytest-benchmark.json" $BENCH_ARGS ;;
+for s in $STAGES; do
+  case $s in
+    build) stage build "$T_BUILD" bash -c "$(declare -f build); PY='$PY'; DRY_RUN='$DRY_RUN'; build" ;;
+    ops) stage ops "$T_OPS" "$PY" -m pytest -m gpu tests/ops -x -q -rfE -p no:cacheprovider \
+           --junitxml="$OUT/junit-ops.xml" "${PYTEST_DRY[@]}" ;;
+    learners) stage learners "$T_LEARNERS" "$PY" -m pytest -m gpu tests/learners -x -q -rfE -p no:cacheprovider \
+                --junitxml="$OUT/junit-learners.xml" "${PYTEST_DRY[@]}" ;;
+    profile) stage profile "$T_PROFILE" "$PY" benchmarks/profile_gpu.py --out "$OUT" "${PROFILE_ARGS[@]}" ;;
+    floor) FASTPROMPT_BENCH_JSON="$OUT/bench.json" stage floor "$T_FLOOR" "$PY" -m pytest \
+             benchmarks/test_bench_text_floor.py --benchmark-only -q -p no:cacheprovider "${FLOOR_K[@]}" ;;
+    *) echo "unknown stage '$s' (choose from: build ops learners profile floor)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/steps.tsv"

@@ -7,6 +7,7 @@
 from fastprompt._version import __version__
 from fastprompt.backbone import TextTower, load_clip
 from fastprompt.classplan import ClassPlan, build_class_plan
+from fastprompt.compiling import compile_learner as compile
 from fastprompt.encoders.prompted_text import PromptedTextEncoder
 from fastprompt.env import env_report
 from fastprompt.learners import (
@@ -24,7 +25,7 @@ from fastprompt.official import export_official, load_official
 
 __all__ = [
     "__version__", "load_clip", "TextTower", "ClassPlan", "build_class_plan", "PromptedTextEncoder",
-    "create_learner", "from_pretrained", "list_learners", "register_learner", "env_report",
+    "create_learner", "compile", "from_pretrained", "list_learners", "register_learner", "env_report",
     "CoOp", "CoOpConfig", "CoCoOp", "CoCoOpConfig", "load_classnames", "list_classname_sets",
     "load_official", "export_official",
 ]

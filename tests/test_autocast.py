@@ -36,11 +36,13 @@ def test_fast_engine_under_bf16_autocast(method, backend):
     exact_out, exact_grads = _run(learner, images, "reference", autocast=False)
     ref_out, ref_grads = _run(learner, images, "reference", autocast=True)
     fast_out, fast_grads = _run(learner, images, backend, autocast=True)
-    assert fast_out.shape == ref_out.shape
-    ref_err = max([rel_err(ref_out, exact_out)] + [rel_err(r, e) for r, e in zip(ref_grads, exact_grads)])
-    fast_err = max([rel_err(fast_out, exact_out)] + [rel_err(f, e) for f, e in zip(fast_grads, exact_grads)])
-    assert ref_err > 0  # autocast really changed the reference's arithmetic
-    assert fast_err <= 4 * ref_err + 1e-3, (fast_err, ref_err)
-    assert rel_err(fast_out, ref_out) < 5e-2
-    for f, r in zip(fast_grads, ref_grads):
-        assert rel_err(f, r) < 5e-2
+    assert fast_out.shape == ref_out.shape and len(fast_grads) == len(ref_grads) == len(exact_grads) > 0
+    # Per tensor (output, each gradient): the fast path's distance to the float32 result is at most a small
+    # multiple of the bf16 reference's own distance, plus one bf16 ulp for a tensor the reference gets almost
+    # exactly. No fixed figure: the bound scales with what bf16 costs the reference on this machine's kernels.
+    floor = torch.finfo(torch.bfloat16).eps
+    pairs = [(fast_out, ref_out, exact_out)] + list(zip(fast_grads, ref_grads, exact_grads))
+    assert max(rel_err(r, e) for _, r, e in pairs) > 0  # autocast really changed the reference's arithmetic
+    for i, (f, r, e) in enumerate(pairs):
+        ref_err, fast_err = rel_err(r, e), rel_err(f, e)
+        assert fast_err <= 4 * ref_err + floor, (i, fast_err, ref_err)

@@ -16,7 +16,7 @@ Two paths over the same parameters:
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from fastprompt.backbone import TextTower
 from fastprompt.classplan import ClassPlan
+from fastprompt.encoders.layout import LayoutCache, PairLayout
 from fastprompt.ops.assemble import assemble
 from fastprompt.ops.pool_project import pool_project
 from fastprompt.ops.prefix_attention import prefix_attention
@@ -59,6 +60,17 @@ class PromptedTextEncoder(nn.Module):
         # Context positions inside the shared prefix (where deep prompts go), same for every class.
         self.prefix_ctx_positions = [t for t in range(P) if int(plan.slot[0, t]) >= 0]
         self.suffix_has_ctx = bool((plan.slot[:, P:L] >= 0).any())
+        # Pair layouts (packed-row indices, cu_seqlens, EOT rows), built on the host once per pair pattern.
+        self._layouts = LayoutCache(plan.eot, P, L - P)
+        self.compile_options: Optional[Dict] = None  # see compile_fast()
+
+    def compile_fast(self, options: Optional[Dict] = None) -> None:
+        """Run the fast path through ``torch.compile(fullgraph=True, dynamic=False, **options)`` from now on
+        (e.g. ``{"mode": "reduce-overhead"}`` for CUDA graphs, ``{"backend": "aot_eager"}``); None: eager again.
+
+        Shapes are static per pair layout, so each layout (class list x batch size) compiles once.
+        """
+        self.compile_options = None if options is None else dict(options)
 
     # ------------------------------------------------------------------ reference (official) path
     def reference_features(
@@ -96,6 +108,25 @@ class PromptedTextEncoder(nn.Module):
         return tower.project(x)
 
     # ------------------------------------------------------------------ fast path
+    def layout(self, kind: str, num_groups: int = 1, device=None) -> PairLayout:
+        """The cached :class:`~fastprompt.encoders.layout.PairLayout` of a pair pattern ("shared": G = 1, every
+        class; "diagonal": class c with context c; "all": G contexts x every class, context-major)."""
+        return self._layouts.get(kind, num_groups, self.eot.device if device is None else device)
+
+    def fast_pairs(
+        self,
+        ctx: torch.Tensor,
+        shift: Optional[torch.Tensor],
+        kind: str,
+        deep_prompts: Optional[Dict[int, torch.Tensor]] = None,
+        backend: Optional[str] = None,
+        normalize: bool = False,
+    ) -> torch.Tensor:
+        """:meth:`fast_features` of a standard pair pattern (``kind`` as in :meth:`layout`, G = ctx.shape[0]),
+        with its layout built once on the host and reused: no host sync, static shapes -> [N, E]."""
+        layout = self._layouts.get(kind, ctx.shape[0], ctx.device)
+        return self._fast(ctx, shift, layout, deep_prompts, backend, normalize)
+
     def fast_features(
         self,
         ctx: torch.Tensor,
@@ -111,7 +142,8 @@ class PromptedTextEncoder(nn.Module):
         Args:
             ctx: [G, M, D] contexts (G distinct ones).
             shift: [G, D] or None, added to every context token of its group.
-            g_idx, c_idx: [N] int64, the (context, class) pair to encode at each row.
+            g_idx, c_idx: [N] int64, the (context, class) pair to encode at each row. Their layout is built on
+                the host from their values (a device sync on CUDA); per-step patterns use :meth:`fast_pairs`.
             deep_prompts: {layer i: [M, D] or [G, M, D]} hidden states that replace the context positions
                 before block i (needs the context inside the shared prefix, i.e. position "end").
             backend: op backend ("auto", "reference", "triton", "compiled", ...); an op without a kernel of
@@ -121,35 +153,17 @@ class PromptedTextEncoder(nn.Module):
         Returns:
             [N, E] text features.
         """
+        layout = self._layouts.from_indices(g_idx, c_idx, ctx.shape[0])
+        return self._fast(ctx, shift, layout, deep_prompts, backend, normalize)
+
+    def _fast(self, ctx, shift, layout: PairLayout, deep_prompts, backend, normalize) -> torch.Tensor:
         if self.fast_unsupported:
             raise RuntimeError(f"the fast text engine cannot run this model: {self.fast_unsupported}")
         if deep_prompts and self.suffix_has_ctx:
             raise ValueError("deep prompts need the context inside the shared prefix (class_token_position='end')")
-        tower, P = self.tower, self.plan.prefix_len
-        G = ctx.shape[0]
-        dev = ctx.device
-        pos = tower.positional_embedding
-        # Ops take the learner-wide backend non-strictly: an op without that kind of kernel uses its reference.
-        opts = {"backend": backend, "strict": False}
-        zeros_g = torch.zeros(G, dtype=torch.long, device=dev)
-        arange_g = torch.arange(G, device=dev)
-        xp = assemble(ctx, shift, self.fixed_prefix, self.slot_prefix, pos, 0, arange_g, zeros_g, **opts)
-        xs = assemble(ctx, shift, self.fixed_suffix, self.slot_suffix, pos, P, g_idx, c_idx, **opts)
-        # Pack the suffixes: each pair keeps only its rows up to its own EOT (no padding in the token-wise
-        # GEMMs). Rows of pair n are cu_seqlens[n] .. cu_seqlens[n+1]-1.
-        N, S, D = xs.shape
-        lengths = self.eot[c_idx] - P + 1  # [N]
-        valid = torch.arange(S, device=dev).unsqueeze(0) < lengths.unsqueeze(1)
-        xs = xs.reshape(N * S, D)[valid.view(-1)]  # [T, D]
-        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0))
-        seqs = _Suffixes(cu_seqlens, g_idx, S, cu_seqlens[1:] - 1)
-        blocks = tower.blocks
-        for i, blk in enumerate(blocks):
-            if deep_prompts and i in deep_prompts:
-                xp = self._replace_context(xp, deep_prompts[i])
-            # Last block: only the EOT rows are pooled, so only they go on past attention.
-            xp, xs = _block(blk, xp, xs, seqs, last=i == len(blocks) - 1, **opts)
-        return self._pool(xs, normalize, **opts)
+        if self.compile_options is not None and not torch.compiler.is_compiling():
+            return _compiled_body(self.compile_options, ctx.device)(self, ctx, shift, layout, deep_prompts, backend, normalize)
+        return _fast_body(self, ctx, shift, layout, deep_prompts, backend, normalize)
 
     def _pool(self, rows: torch.Tensor, normalize: bool, backend, strict) -> torch.Tensor:
         tower = self.tower
@@ -159,63 +173,85 @@ class PromptedTextEncoder(nn.Module):
         feats = tower.project(ln(rows))  # an unusual head (e.g. a Linear projection with bias): as the tower does
         return F.normalize(feats, dim=-1) if normalize else feats
 
-    def _replace_context(self, xp: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+    def _replace_context(self, x: torch.Tensor, G: int, deep: torch.Tensor) -> torch.Tensor:
+        """x [G*P + T, D] packed rows -> the same with the context positions of every prefix replaced by
+        ``deep`` ([M, D] or [G, M, D])."""
+        P, D = self.plan.prefix_len, x.shape[1]
         pos = self.prefix_ctx_positions
-        deep = deep.to(xp.dtype)
+        deep = deep.to(x.dtype)
         if deep.dim() == 2:
-            deep = deep.unsqueeze(0).expand(xp.shape[0], -1, -1)
+            deep = deep.unsqueeze(0).expand(G, -1, -1)
         start, end = pos[0], pos[-1] + 1
         # The context occupies a contiguous run in the prefix ("end" position).
-        return torch.cat([xp[:, :start], deep, xp[:, end:]], dim=1)
+        xp = x[: G * P].view(G, P, D)
+        xp = torch.cat([xp[:, :start], deep, xp[:, end:]], dim=1)
+        return torch.cat([xp.reshape(G * P, D), x[G * P :]])
+
+
+# ---------------------------------------------------------------------- the fast body (eager or compiled)
+def _fast_body(self: PromptedTextEncoder, ctx, shift, layout: PairLayout, deep_prompts, backend, normalize):
+    """The engine over one pair layout: ctx [G, M, D], shift [G, D] | None -> [N, E] (see fast_features)."""
+    tower, P = self.tower, self.plan.prefix_len
+    G = ctx.shape[0]
+    pos = tower.positional_embedding
+    # Ops take the learner-wide backend non-strictly: an op without that kind of kernel uses its reference.
+    opts = {"backend": backend, "strict": False}
+    xp = assemble(ctx, shift, self.fixed_prefix, self.slot_prefix, pos, 0, layout.arange_g, layout.zeros_g, **opts)
+    xs = assemble(ctx, shift, self.fixed_suffix, self.slot_suffix, pos, P, layout.g_idx, layout.c_idx, **opts)
+    # One packed row buffer [G*P + T, D]: the G prefixes, then each pair's suffix rows up to its own EOT
+    # (no padding). The token-wise GEMMs, LayerNorms and MLP run once per layer over both kinds of rows.
+    N, S, D = xs.shape
+    x = torch.cat([xp.reshape(G * P, D), xs.reshape(N * S, D).index_select(0, layout.rows)])
+    blocks = tower.blocks
+    for i, blk in enumerate(blocks):
+        if deep_prompts and i in deep_prompts:
+            x = self._replace_context(x, G, deep_prompts[i])
+        # Last block: only the EOT rows are pooled, so only they go on past attention.
+        x = _block(blk, x, G, P, layout, last=i == len(blocks) - 1, **opts)
+    return self._pool(x, normalize, **opts)
+
+
+_COMPILED: Dict[tuple, Callable] = {}
+
+
+def _compiled_body(options: Dict, device: torch.device) -> Callable:
+    """``_fast_body`` through torch.compile with these options, one compiled function per option set (the
+    encoder is an argument, so dynamo guards on it: encoders never share a graph). Mode "auto": CUDA graphs
+    ("reduce-overhead") on CUDA, inductor's default elsewhere."""
+    options = dict(options)
+    if options.get("mode") == "auto":
+        options["mode"] = "reduce-overhead" if device.type == "cuda" else None
+    options = {k: v for k, v in options.items() if v is not None}
+    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = torch.compile(_fast_body, fullgraph=True, dynamic=False, **options)
+    return fn
 
 
 # ---------------------------------------------------------------------- exact layer math
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    # [B, L, D] -> [B, H, L, D/H]
-    B, L, D = x.shape
-    return x.view(B, L, heads, D // heads).transpose(1, 2)
+def _block(blk: nn.Module, x: torch.Tensor, G: int, P: int, layout: PairLayout, last: bool, backend, strict):
+    """One open_clip ResidualAttentionBlock over packed rows x [G*P + T, D]: the G prefixes (P rows each),
+    then the T suffix rows of ``layout``.
 
-
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    B, H, L, dh = x.shape
-    return x.transpose(1, 2).reshape(B, L, H * dh)
-
-
-def _qkv(attn: nn.MultiheadAttention, h: torch.Tensor):
-    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-    q, k, v = qkv.chunk(3, dim=-1)
-    H = attn.num_heads
-    return _split_heads(q, H), _split_heads(k, H), _split_heads(v, H)
-
-
-class _Suffixes:
-    """Layout of the packed class suffixes: pair n owns rows cu_seqlens[n] .. cu_seqlens[n+1]-1 and reads
-    prefix g_idx[n]; eot_rows[n] is its last (EOT) row; max_seqlen bounds every suffix length."""
-
-    def __init__(self, cu_seqlens: torch.Tensor, g_idx: torch.Tensor, max_seqlen: int, eot_rows: torch.Tensor):
-        self.cu_seqlens, self.g_idx, self.max_seqlen, self.eot_rows = cu_seqlens, g_idx, max_seqlen, eot_rows
-
-
-def _block(blk: nn.Module, xp, xs, seqs: _Suffixes, last: bool, backend, strict):
-    """One open_clip ResidualAttentionBlock over the prefixes xp [G, P, D] and packed suffixes xs [T, D].
-
-    In the last block the prefix only contributes keys/values, and only the EOT rows [N, D] are returned
-    (the MLP runs on N rows instead of T + G*P).
+    Row-wise work (LayerNorms, the QKV / output GEMMs, the MLP) runs once over all rows; attention runs per
+    kind: causal self-attention inside each prefix, and shared-prefix attention for the suffixes. In the last
+    block the prefix only contributes keys/values, and only the N EOT rows [N, D] are returned (its output
+    projection and MLP run on N rows).
     """
     attn = blk.attn
     H = attn.num_heads
-    T, D = xs.shape
-    qp, kp, vp = _qkv(attn, blk.ln_1(xp))
-    qs, ks, vs = F.linear(blk.ln_1(xs), attn.in_proj_weight, attn.in_proj_bias).view(T, 3, H, D // H).unbind(1)
-    o = prefix_attention(qs, ks, vs, kp, vp, seqs.cu_seqlens, seqs.g_idx, seqs.max_seqlen, backend=backend, strict=strict)
-    o = o.reshape(T, D)
-    out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
+    R, D = x.shape
+    GP = G * P
+    qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [R, 3D]
+    qp, kp, vp = qkv[:GP].view(G, P, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # [G, H, P, dh] each
+    qs, ks, vs = qkv[GP:].view(R - GP, 3, H, D // H).unbind(1)  # [T, H, dh] each
+    o = prefix_attention(qs, ks, vs, kp, vp, layout.cu_seqlens, layout.g_idx, layout.max_seqlen,
+                         backend=backend, strict=strict).reshape(R - GP, D)
     if last:
-        xs, o = xs.index_select(0, seqs.eot_rows), o.index_select(0, seqs.eot_rows)
+        x, o = x[GP:].index_select(0, layout.eot_rows), o.index_select(0, layout.eot_rows)
     else:
-        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
-        xp = xp + blk.ls_1(F.linear(_merge_heads(op), out_w, out_b))
-        xp = xp + blk.ls_2(blk.mlp(blk.ln_2(xp)))
-    xs = xs + blk.ls_1(F.linear(o, out_w, out_b))
-    xs = xs + blk.ls_2(blk.mlp(blk.ln_2(xs)))
-    return xp, xs
+        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # [G, H, P, dh]
+        o = torch.cat([op.transpose(1, 2).reshape(GP, D), o])
+    x = x + blk.ls_1(F.linear(o, attn.out_proj.weight, attn.out_proj.bias))
+    return x + blk.ls_2(blk.mlp(blk.ln_2(x)))

@@ -46,6 +46,15 @@ class PromptLearner(InteropMixin, nn.Module):
         self.backend = getattr(config, "backend", None) or default_backend()
         self._text_cache = None
 
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        # A learner compiled with fastprompt.compile compiles the text encoders it builds later (set_classnames).
+        options = self.__dict__.get("_compile_options")
+        if options is not None and isinstance(value, nn.Module):
+            from fastprompt.compiling import compile_learner
+
+            compile_learner(value, options)
+
     # ------------------------------------------------------------------ backend
     @property
     def backend(self) -> str:

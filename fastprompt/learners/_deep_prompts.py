@@ -122,7 +122,12 @@ def deep_text_features(
         prompts = torch.cat([text.token_embeds[:, :1], rows, text.token_embeds[:, 1 + M :]], dim=1)
         feats = text.reference_features(prompts, text.token_ids, deep_prompts=deep or None)
         return feats if class_idx is None else feats[class_idx]
-    c_idx = torch.arange(C, device=ctx.device) if class_idx is None else class_idx
+    if class_idx is None:  # every class: a cached static layout
+        if class_shift is None:
+            return text.fast_pairs(ctx.unsqueeze(0), None, "shared", deep_prompts=deep or None, backend=learner.op_backend)
+        return text.fast_pairs(ctx.unsqueeze(0).expand(C, -1, -1), class_shift, "diagonal", deep_prompts=deep or None,
+                               backend=learner.op_backend)
+    c_idx = class_idx
     K = c_idx.shape[0]
     if class_shift is None:
         g_idx = torch.zeros(K, dtype=torch.long, device=ctx.device)

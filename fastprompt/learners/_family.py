@@ -77,12 +77,10 @@ def unified_fast_text(
     context, so the engine runs the diagonal pairs (c, c) over C packed, truncated prompts; the assemble op adds
     the shift to the context rows (and sums its gradient back into ``ctx`` and ``shift``).
     """
-    C = text.plan.num_classes
-    c_idx = torch.arange(C, device=ctx.device)
     if shift is None:
-        g_idx = torch.zeros(C, dtype=torch.long, device=ctx.device)
-        return text.fast_features(ctx.unsqueeze(0), None, g_idx, c_idx, backend=backend, normalize=False)
-    return text.fast_features(ctx.unsqueeze(0).expand(C, -1, -1), shift, c_idx, c_idx, backend=backend, normalize=False)
+        return text.fast_pairs(ctx.unsqueeze(0), None, "shared", backend=backend, normalize=False)
+    C = text.plan.num_classes
+    return text.fast_pairs(ctx.unsqueeze(0).expand(C, -1, -1), shift, "diagonal", backend=backend, normalize=False)
 
 
 def rebuild_unified_prompts(learner, classnames: Sequence[str], template: str) -> torch.Tensor:

@@ -78,11 +78,8 @@ class CoCoOp(PromptLearner):
         if self.uses_reference:
             return self._reference_text(shift)
         B, C = shift.shape[0], len(self.classnames)
-        dev = shift.device
-        g_idx = torch.arange(B, device=dev).repeat_interleave(C)
-        c_idx = torch.arange(C, device=dev).repeat(B)
-        ctx = self.ctx.unsqueeze(0).expand(B, -1, -1)
-        feats = self.text.fast_features(ctx, shift, g_idx, c_idx, backend=self.op_backend, normalize=True)
+        ctx = self.ctx.unsqueeze(0).expand(B, -1, -1)  # pairs (b, c) for every image b and class c
+        feats = self.text.fast_pairs(ctx, shift, "all", backend=self.op_backend, normalize=True)
         return feats.view(B, C, -1)
 
     def _reference_text(self, shift: torch.Tensor) -> torch.Tensor:
@@ -125,11 +122,8 @@ class CoCoOp(PromptLearner):
                 prompts_i = torch.cat([prefix, ctx_i.unsqueeze(0).expand(C, -1, -1), suffix], dim=1)
                 out.append(text.reference_features(prompts_i, text.token_ids))
             return torch.stack(out)
-        dev = shift.device
-        g_idx = torch.arange(B, device=dev).repeat_interleave(C)
-        c_idx = torch.arange(C, device=dev).repeat(B)
-        ctx = self.ctx.unsqueeze(0).expand(B, -1, -1)
-        return text.fast_features(ctx, shift, g_idx, c_idx, backend=self.op_backend, normalize=False).view(B, C, -1)
+        ctx = self.ctx.unsqueeze(0).expand(B, -1, -1)  # pairs (b, c) for every image b and class c
+        return text.fast_pairs(ctx, shift, "all", backend=self.op_backend, normalize=False).view(B, C, -1)
 
     def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v [B, E], t [B, C, E] (unnormalised) -> [B, C] = logit_scale * cos, per image."""

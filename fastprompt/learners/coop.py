@@ -78,12 +78,9 @@ class CoOp(PromptLearner):
 
     def _fast_text(self) -> torch.Tensor:
         """[C, E] normalised features through the fast engine."""
-        C = len(self.classnames)
-        c_idx = torch.arange(C, device=self.ctx.device)
         if self.csc:  # one context per class: the diagonal pairs (c, c)
-            return self.text.fast_features(self.ctx, None, c_idx, c_idx, backend=self.op_backend, normalize=True)
-        g_idx = torch.zeros(C, dtype=torch.long, device=self.ctx.device)
-        return self.text.fast_features(self.ctx.unsqueeze(0), None, g_idx, c_idx, backend=self.op_backend, normalize=True)
+            return self.text.fast_pairs(self.ctx, None, "diagonal", backend=self.op_backend, normalize=True)
+        return self.text.fast_pairs(self.ctx.unsqueeze(0), None, "shared", backend=self.op_backend, normalize=True)
 
     def text_features_for(self, class_indices: torch.Tensor) -> torch.Tensor:
         """class_indices [K] -> [K, E] L2-normalised text features of those classes only.
@@ -148,11 +145,9 @@ class CoOp(PromptLearner):
         if class_shift is None:
             if self.uses_reference:
                 return self._reference_text()
-            C = len(self.classnames)
-            c_idx = torch.arange(C, device=self.ctx.device)
-            g_idx = c_idx if self.csc else torch.zeros_like(c_idx)
-            ctx = self.ctx if self.csc else self.ctx.unsqueeze(0)
-            return self.text.fast_features(ctx, None, g_idx, c_idx, backend=self.op_backend, normalize=False)
+            if self.csc:
+                return self.text.fast_pairs(self.ctx, None, "diagonal", backend=self.op_backend, normalize=False)
+            return self.text.fast_pairs(self.ctx.unsqueeze(0), None, "shared", backend=self.op_backend, normalize=False)
         if self.config.class_token_position != "end":
             raise ValueError(f"a class shift needs class_token_position='end', got {self.config.class_token_position!r}")
         check_shift(class_shift, len(self.classnames), self.tower.width)
@@ -165,8 +160,7 @@ class CoOp(PromptLearner):
             ctx = self.ctx + class_shift.unsqueeze(1)
             prompts = torch.cat([text.token_embeds[:, :1], ctx, text.token_embeds[:, 1 + M :]], dim=1)
             return text.reference_features(prompts, text.token_ids)
-        c_idx = torch.arange(len(self.classnames), device=self.ctx.device)
-        return text.fast_features(self.ctx, class_shift, c_idx, c_idx, backend=self.op_backend, normalize=False)
+        return text.fast_pairs(self.ctx, class_shift, "diagonal", backend=self.op_backend, normalize=False)
 
     def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v [B, E], t [C, E] (unnormalised) -> [B, C] = logit_scale * cos."""

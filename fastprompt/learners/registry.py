@@ -33,7 +33,8 @@ def get_learner_class(name: str) -> type:
     return _LEARNERS[key]
 
 
-def create_learner(name: str, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
+def create_learner(name: str, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None,
+                   compile=False, **kwargs):
     """Build a learner.
 
     Args:
@@ -42,8 +43,15 @@ def create_learner(name: str, clip_model: nn.Module, classnames: Sequence[str], 
         classnames: the C class names.
         config: the method's config dataclass or a dict; ``**kwargs`` override single options.
         tokenizer: the model's tokenizer (default: open_clip's SimpleTokenizer).
+        compile: run the fast text side through ``torch.compile`` (see :func:`fastprompt.compile`): True, a
+            ``torch.compile`` mode, or a dict of its options.
 
     Returns:
         An ``nn.Module`` whose ``forward(images [B, 3, H, W])`` returns logits [B, C].
     """
-    return get_learner_class(name)(clip_model, classnames, config=config, tokenizer=tokenizer, **kwargs)
+    learner = get_learner_class(name)(clip_model, classnames, config=config, tokenizer=tokenizer, **kwargs)
+    if compile:
+        from fastprompt.compiling import compile_learner
+
+        compile_learner(learner, compile)
+    return learner

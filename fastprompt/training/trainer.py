@@ -221,8 +221,13 @@ class Trainer:
         lrs = self.schedule.set_epoch(epoch)
         learner.train()
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct, seen, scored = 0, 0, 0
+        # Loss and accuracy accumulate on the device and are read to the host once, at the epoch's log record
+        # (or per step only when the progress bar shows them): no host sync per step. The float64 sum is the
+        # same arithmetic as a host-side one (IEEE double multiply-add), so logs and resumes are unchanged.
+        acc_dtype = torch.float64 if self.device.type != "mps" else torch.float32
+        loss_sum = torch.zeros((), dtype=acc_dtype, device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen, scored = 0, 0
         t0 = time.perf_counter()
         bar = None
         if cfg.progress and self.dist.is_main:
@@ -255,11 +260,11 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 self.optimizer.step()
             n = labels.shape[0]
-            loss_sum += loss.detach().double().cpu() * n
+            loss_sum += loss.detach().to(acc_dtype) * n
             # Training accuracy from class logits [B, C]; learners whose training logits are something else
             # (DPC: [B', B'] contrastive logits over the batch grown by its hard negatives) are not scored.
             if logits.dim() == 2 and logits.shape[0] == n:
-                correct += int((logits.detach().argmax(-1) == labels).sum())
+                correct += (logits.detach().argmax(-1) == labels).sum()
                 scored += n
             seen += n
             if cfg.print_freq and self.dist.is_main and (batch_idx + 1) % cfg.print_freq == 0:  # TRAIN.PRINT_FREQ

@@ -1,6 +1,9 @@
 """prefix_attention: causal attention of packed class suffixes over their group's shared prefix.
 
 See :func:`fastprompt.ops.prefix_attention.reference.prefix_attention_reference` for the exact definition.
+Backends: ``reference`` (that definition), ``eager`` (the same function on eager torch ops without per-pair
+prefix copies, saving only its inputs for the backward: what ``auto`` picks on the CPU, and on CUDA without
+Triton) and ``triton``.
 """
 from __future__ import annotations
 
@@ -9,14 +12,15 @@ from typing import Optional
 import torch
 
 from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, reference_ok, triton_ok
+from fastprompt.ops.prefix_attention.eager import prefix_attention_eager
 from fastprompt.ops.prefix_attention.reference import prefix_attention_reference
 
-__all__ = ["prefix_attention", "prefix_attention_reference", "BACKENDS"]
+__all__ = ["prefix_attention", "prefix_attention_reference", "prefix_attention_eager", "BACKENDS"]
 
 BACKENDS = OpBackends(
     "prefix_attention",
-    {"reference": reference_ok, "triton": triton_ok},
-    {"cuda": ("triton",), "cpu": ()},
+    {"reference": reference_ok, "eager": reference_ok, "triton": triton_ok},
+    {"cuda": ("triton", "eager"), "cpu": ("eager",)},
 )
 
 
@@ -31,6 +35,8 @@ def prefix_attention(
     max_seqlen: int,
     backend: Optional[str] = None,
     strict: bool = True,
+    *,
+    pairs_per_group: Optional[int] = None,
 ) -> torch.Tensor:
     """Shared-prefix causal attention, dispatched by backend.
 
@@ -41,16 +47,27 @@ def prefix_attention(
 
     The Triton backend takes float32 / float16 / bfloat16 and dh a power of two >= 16; its backward is
     deterministic.
+
+    ``pairs_per_group`` (optional, eager backend): N / G when pair n reads group n // (N / G) (CoCoOp's
+    all-pairs batch); a promise about g_idx that lets the eager backend batch its prefix products per group.
     """
     name = BACKENDS.resolve(backend, q.device, strict)
+    args = (q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
     low = autocast_dtype(q.device)
     if low is not None and name != "reference":
         # Autocast runs the reference's attention in its low-precision dtype.
-        q, k, v, k_prefix, v_prefix = cast_floating(low, q, k, v, k_prefix, v_prefix)
         with torch.autocast(q.device.type, enabled=False):
-            return prefix_attention(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen, backend=name)
+            return _run(name, *cast_floating(low, *args), pairs_per_group=pairs_per_group)
+    return _run(name, *args, pairs_per_group=pairs_per_group)
+
+
+def _run(name, q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen, pairs_per_group):
     if name == "triton":
         from fastprompt.ops.prefix_attention.triton import prefix_attention_triton
 
         return prefix_attention_triton(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
+    if name == "eager":
+        return prefix_attention_eager(
+            q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen, pairs_per_group=pairs_per_group
+        )
     return prefix_attention_reference(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)

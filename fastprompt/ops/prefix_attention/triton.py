@@ -8,32 +8,35 @@ Importing this module registers two ``torch.library`` custom ops (opaque to ``to
 * ``fastprompt::prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, dlse?, cu_seqlens, g_idx,
   max_seqlen) -> (dq, dk, dv, dk_prefix, dv_prefix)``
 
-Kernels (all arithmetic in float32: every tile is upcast right after its load; outputs in q's dtype):
+Kernels (float32 operands multiply in IEEE float32; float16 / bfloat16 operands stay in their dtype in every
+``tl.dot`` and run on tensor cores with float32 accumulation; softmax statistics, dq / dk_prefix / dv_prefix
+accumulators and the log-sum-exp are float32; outputs in q's dtype):
 
 * forward, one program per (pair, head): the pair's suffix queries [BLOCK_S, dh] (BLOCK_S = next power of two
-  >= max_seqlen) scan the group's prefix keys in blocks of BLOCK_P with an online softmax, then the pair's own
-  suffix keys under the causal mask. The row log-sum-exp (natural log) is stored for the backward.
-* backward, one program per (chunk of pairs, head). ``delta = rowsum(dO * O)`` is computed in the kernel: a
-  program owns whole pairs, so the O / dO rows it needs are the ones it loads anyway (no separate pre-pass).
-  dq / dk / dv of a pair are complete inside the program (suffix keys are private to the pair).
-* dk_prefix / dv_prefix [G, H, P, dh] (summed over every pair of a group) use a **deterministic two-pass
-  reduction** instead of float32 atomics: pairs are sorted by group (stable sort); each group's pairs are cut
-  into chunks of at most ``pairs_per_chunk`` pairs; a program accumulates its chunk's prefix gradient in
-  registers and writes one float32 partial per (chunk, head); a second kernel sums each group's partials in
-  chunk order. Results are bitwise reproducible run to run (for a given shape; the chunk size only depends on
-  N and H) and the hot spot of CoOp (G = 1: every pair adds into the same prefix) has no atomic contention. The
-  partial buffers hold at most (N / pairs_per_chunk + min(G, N)) x H x P x dh floats each.
+  >= max_seqlen, at least 16: the smallest dot tile) scan the group's prefix keys in blocks of BLOCK_P with an
+  online softmax, then the pair's own suffix keys under the causal mask. The row log-sum-exp (natural log) is
+  stored for the backward.
+* backward, two kernels so that neither holds every tile at once (register pressure, no spills):
+  - rows, one program per (pair, head): ``delta = rowsum(dO * O)`` (stored), then dk / dv of the pair's own
+    keys and dq over its own and its group's prefix keys; everything here is private to the pair.
+  - prefix, one program per (chunk of pairs, head): dk_prefix / dv_prefix [G, H, P, dh] (summed over every
+    pair of a group) by a **deterministic two-pass reduction** instead of float32 atomics: pairs are sorted by
+    group (stable sort); each group's pairs are cut into chunks of at most ``pairs_per_chunk`` pairs; a program
+    accumulates its chunk's prefix gradient in registers and writes one float32 partial per (chunk, head); a
+    third kernel sums each group's partials in chunk order. Results are bitwise reproducible run to run (for a
+    given shape; the chunk size only depends on N and H) and the hot spot of CoOp (G = 1: every pair adds into
+    the same prefix) has no atomic contention. The partial buffers hold at most
+    (N / pairs_per_chunk + min(G, N)) x H x P x dh floats each.
 
 Requirements: q, k, v, k_prefix, v_prefix of one dtype (float32, float16, bfloat16) on one device, last dim
 contiguous (other strides are free: q / k / v may be views of a fused qkv projection), dh a power of two
 >= 16, cu_seqlens int32 / int64, g_idx int64 in [0, G), max_seqlen >= every suffix length (checked on the CPU
 only, as a check on CUDA would need a host sync; an out-of-range g_idx is not checked either).
 
-Limits: the tiles are [BLOCK_S, dh] with BLOCK_S = next_power_of_2(max_seqlen) >= 16 (dot operands need 16),
-so a batch whose longest suffix is 17..32 tokens runs 32-row tiles for every pair. The dots are float32
-("ieee", no TF32, no tensor cores: exact, and the work per pair is tiny anyway). Shared memory of the backward
-(sm_90, num_stages=1): ~34 KB at dh=64 / BLOCK_S=16, ~82 KB at dh=64 / BLOCK_S=64, ~164 KB at dh=128 /
-BLOCK_S=64; dh=256 with suffixes longer than 32 tokens does not fit (Triton raises OutOfResources).
+Limits: the tiles are [BLOCK_S, dh] with BLOCK_S = next_power_of_2(max_seqlen) >= 16, so a batch whose longest
+suffix is 17..32 tokens runs 32-row tiles for every pair (packing several short suffixes into one tile is not
+done). Launch options come from a fixed table by tile size (``_launch_options``); ``tests/ops/test_aot.py``
+compiles the kernels for sm_80 / sm_90 and checks MMA use and spills.
 """
 from __future__ import annotations
 
@@ -66,12 +69,27 @@ def _pairs_per_chunk(N: int, H: int) -> int:
     return min(64, triton.next_power_of_2(max(1, triton.cdiv(N * H, 1024))))
 
 
-def _launch_options(block_s: int, block_p: int, head_dim: int) -> dict:
-    """Fixed launch options (no autotuning: a config picked per process could change the float32 summation
-    order, and the outputs must be bitwise reproducible). num_stages=1: the loops run over pairs (loads behind a
-    data-dependent index) and over the (usually single) prefix block, so software pipelining buys nothing and
-    would double the shared memory of the float32 dot operands."""
-    return {"num_warps": 4 if block_s * max(head_dim, block_p) <= 4096 else 8, "num_stages": 1}
+def _precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: float32 operands multiply in IEEE float32 (TF32 would break the float32
+    exactness contract); float16 / bfloat16 operands stay in their dtype and run on tensor cores (MMA / wgmma)
+    with float32 accumulation, where the precision argument has no effect."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_options(block_s: int, block_p: int, head_dim: int, dtype: torch.dtype = torch.float32) -> dict:
+    """Fixed launch options, chosen by tile shape (no autotuning: a config picked per process could change the
+    float32 summation order, and the outputs must be bitwise reproducible).
+
+    num_warps grows with the largest [rows, dh] tile so that the live tiles (q, k, v, kp, vp, the float32
+    accumulators; the backward also dq and the prefix-gradient accumulators) fit the 255 registers of a thread
+    without spilling; 16-bit operands take half the registers of float32 ones. Checked by compiling for sm_80 /
+    sm_90 (tests/ops/test_aot.py): no spills for 16-bit operands up to suffix 64, prefix 77, dh 128; float32
+    tiles of suffix 64 or dh 128 do spill (float32 on a GPU is for tests; training runs bf16 / fp16). num_stages=1: the loops run over
+    pairs (loads behind a data-dependent index) and over the (usually single) prefix block, so software
+    pipelining buys nothing and would double the shared memory of the dot operands."""
+    elems = max(block_s, block_p) * head_dim * (2 if dtype == torch.float32 else 1)
+    warps = 4 if elems <= 2048 else 8  # 16 warps cap a thread at 128 registers and spill more, not less
+    return {"num_warps": warps, "num_stages": 1}
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -81,7 +99,7 @@ def _fwd_kernel(
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
     skp_g, skp_h, skp_p, svp_g, svp_h, svp_p,
     H, P, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
 ):
     LN2: tl.constexpr = 0.6931471805599453
     n = tl.program_id(0)
@@ -96,7 +114,7 @@ def _fwd_kernel(
     row_ok = rows < s_len
     grow = row0 + rows  # packed row index
 
-    q = tl.load(Q + grow[:, None] * sq_t + h * sq_h + dcol[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q = tl.load(Q + grow[:, None] * sq_t + h * sq_h + dcol[None, :], mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_S], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_S], tl.float32)
@@ -106,28 +124,28 @@ def _fwd_kernel(
     vp_base = VP + g * svp_g + h * svp_h
     for p0 in range(0, P, BLOCK_P):
         p_ok = (p0 + pcol) < P
-        kp = tl.load(kp_base + (p0 + pcol)[:, None] * skp_p + dcol[None, :], mask=p_ok[:, None], other=0.0).to(tl.float32)
-        vp = tl.load(vp_base + (p0 + pcol)[:, None] * svp_p + dcol[None, :], mask=p_ok[:, None], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(kp), input_precision="ieee") * qk_scale  # log2 domain
+        kp = tl.load(kp_base + (p0 + pcol)[:, None] * skp_p + dcol[None, :], mask=p_ok[:, None], other=0.0)
+        vp = tl.load(vp_base + (p0 + pcol)[:, None] * svp_p + dcol[None, :], mask=p_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kp), input_precision=PREC) * qk_scale  # log2 domain
         s = tl.where(p_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, vp, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(vp.dtype), vp, input_precision=PREC)
         m_i = m_new
 
     # the pair's own keys 0..j (every row already saw >= 1 prefix key, so no row is all -inf)
-    k = tl.load(K + grow[:, None] * sk_t + h * sk_h + dcol[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    v = tl.load(V + grow[:, None] * sv_t + h * sv_h + dcol[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    k = tl.load(K + grow[:, None] * sk_t + h * sk_h + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    v = tl.load(V + grow[:, None] * sv_t + h * sv_h + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
     causal = (rows[None, :] <= rows[:, None]) & (rows[None, :] < s_len)
     s = tl.where(causal, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
     m_i = m_new
 
     out = acc / l_i[:, None]
@@ -137,14 +155,76 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
-    Q, K, V, KP, VP, O, DO, LSE, DLSE, CU, ORDER, CH_START, CH_LEN, CH_GROUP,
-    DQ, DK, DV, DQ_ACC, DKP_PART, DVP_PART,
+def _bwd_rows_kernel(
+    Q, K, V, KP, VP, O, DO, LSE, DLSE, CU, GIDX, DQ, DK, DV, DELTA,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h,
     skp_g, skp_h, skp_p, svp_g, svp_h, svp_p,
     H, P, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, HAS_DLSE: tl.constexpr,
+    PREC: tl.constexpr,
 ):
+    """dq, dk, dv of one (pair, head): everything private to the pair's rows; stores delta for the prefix pass."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    row0 = tl.load(CU + n).to(tl.int64)
+    s_len = tl.load(CU + n + 1).to(tl.int64) - row0
+    g = tl.load(GIDX + n).to(tl.int64)
+    qk_scale = sm_scale * LOG2E
+
+    rows = tl.arange(0, BLOCK_S)
+    dcol = tl.arange(0, HEAD_DIM)
+    pcol = tl.arange(0, BLOCK_P)
+    row_ok = rows < s_len
+    grow = row0 + rows
+    q = tl.load(Q + grow[:, None] * sq_t + h * sq_h + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + grow[:, None] * sdo_t + h * sdo_h + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    o = tl.load(O + (grow[:, None] * H + h) * HEAD_DIM + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + grow * H + h, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:  # d lse_j / d s_jk = P_jk: folds into delta
+        delta -= tl.load(DLSE + grow * H + h, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + grow * H + h, delta, mask=row_ok)
+
+    # the pair's own keys
+    k = tl.load(K + grow[:, None] * sk_t + h * sk_h + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    v = tl.load(V + grow[:, None] * sv_t + h * sv_h + dcol[None, :], mask=row_ok[:, None], other=0.0)
+    s_own = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    causal = (rows[None, :] <= rows[:, None]) & row_ok[:, None]
+    p_own = tl.where(causal, tl.exp2(s_own - lse2[:, None]), 0.0)
+    dv = tl.dot(tl.trans(p_own.to(do.dtype)), do, input_precision=PREC)
+    own_off = (grow[:, None] * H + h) * HEAD_DIM + dcol[None, :]
+    tl.store(DV + own_off, dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
+    dp_own = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds_own = p_own * (dp_own - delta[:, None])
+    dk = tl.dot(tl.trans(ds_own.to(q.dtype)), q, input_precision=PREC) * sm_scale
+    tl.store(DK + own_off, dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
+    dq = tl.dot(ds_own.to(k.dtype), k, input_precision=PREC)
+
+    # the group's prefix keys, block by block
+    kp_base = KP + g * skp_g + h * skp_h
+    vp_base = VP + g * svp_g + h * svp_h
+    for p0 in range(0, P, BLOCK_P):
+        p_ok = (p0 + pcol) < P
+        kp = tl.load(kp_base + (p0 + pcol)[:, None] * skp_p + dcol[None, :], mask=p_ok[:, None], other=0.0)
+        vp = tl.load(vp_base + (p0 + pcol)[:, None] * svp_p + dcol[None, :], mask=p_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kp), input_precision=PREC) * qk_scale
+        p = tl.where(row_ok[:, None] & p_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(vp), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kp.dtype), kp, input_precision=PREC)
+    tl.store(DQ + own_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_prefix_kernel(
+    Q, KP, VP, DO, LSE, DELTA, CU, ORDER, CH_START, CH_LEN, CH_GROUP, DKP_PART, DVP_PART,
+    sq_t, sq_h, sdo_t, sdo_h,
+    skp_g, skp_h, skp_p, svp_g, svp_h, svp_p,
+    H, P, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+):
+    """Partial dk_prefix / dv_prefix of one (chunk of same-group pairs, head), summed in registers."""
     LOG2E: tl.constexpr = 1.4426950408889634
     c = tl.program_id(0)
     h = tl.program_id(1)
@@ -158,12 +238,11 @@ def _bwd_kernel(
     pcol = tl.arange(0, BLOCK_P)
     kp_base = KP + g * skp_g + h * skp_h
     vp_base = VP + g * svp_g + h * svp_h
-    num_pb = tl.cdiv(P, BLOCK_P)
-    for pb in range(0, num_pb):
-        p_idx = pb * BLOCK_P + pcol
+    for p0 in range(0, P, BLOCK_P):
+        p_idx = p0 + pcol
         p_ok = p_idx < P
-        kp = tl.load(kp_base + p_idx[:, None] * skp_p + dcol[None, :], mask=p_ok[:, None], other=0.0).to(tl.float32)
-        vp = tl.load(vp_base + p_idx[:, None] * svp_p + dcol[None, :], mask=p_ok[:, None], other=0.0).to(tl.float32)
+        kp = tl.load(kp_base + p_idx[:, None] * skp_p + dcol[None, :], mask=p_ok[:, None], other=0.0)
+        vp = tl.load(vp_base + p_idx[:, None] * svp_p + dcol[None, :], mask=p_ok[:, None], other=0.0)
         acc_dkp = tl.zeros([BLOCK_P, HEAD_DIM], tl.float32)
         acc_dvp = tl.zeros([BLOCK_P, HEAD_DIM], tl.float32)
         for i in range(0, n_pairs):
@@ -172,47 +251,16 @@ def _bwd_kernel(
             s_len = tl.load(CU + n + 1).to(tl.int64) - row0
             row_ok = rows < s_len
             grow = row0 + rows
-            q = tl.load(Q + grow[:, None] * sq_t + h * sq_h + dcol[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            do = tl.load(DO + grow[:, None] * sdo_t + h * sdo_h + dcol[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-            o = tl.load(O + (grow[:, None] * H + h) * HEAD_DIM + dcol[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+            q = tl.load(Q + grow[:, None] * sq_t + h * sq_h + dcol[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(DO + grow[:, None] * sdo_t + h * sdo_h + dcol[None, :], mask=row_ok[:, None], other=0.0)
             lse2 = tl.load(LSE + grow * H + h, mask=row_ok, other=0.0) * LOG2E
-            delta = tl.sum(do * o, 1)
-            if HAS_DLSE:  # d lse_j / d s_jk = P_jk: folds into delta
-                delta -= tl.load(DLSE + grow * H + h, mask=row_ok, other=0.0).to(tl.float32)
-
-            # prefix block pb
-            s = tl.dot(q, tl.trans(kp), input_precision="ieee") * qk_scale
-            p = tl.exp2(s - lse2[:, None])
-            p = tl.where(row_ok[:, None] & p_ok[None, :], p, 0.0)
-            acc_dvp += tl.dot(tl.trans(p), do, input_precision="ieee")
-            dp = tl.dot(do, tl.trans(vp), input_precision="ieee")
+            delta = tl.load(DELTA + grow * H + h, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(kp), input_precision=PREC) * qk_scale
+            p = tl.where(row_ok[:, None] & p_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+            acc_dvp += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC)
+            dp = tl.dot(do, tl.trans(vp), input_precision=PREC)
             ds = p * (dp - delta[:, None])
-            acc_dkp += tl.dot(tl.trans(ds), q, input_precision="ieee")
-            dq = tl.dot(ds, kp, input_precision="ieee")
-
-            if pb == 0:  # the pair's own keys, once
-                k = tl.load(K + grow[:, None] * sk_t + h * sk_h + dcol[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-                v = tl.load(V + grow[:, None] * sv_t + h * sv_h + dcol[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-                s_own = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-                causal = (rows[None, :] <= rows[:, None]) & row_ok[:, None]
-                p_own = tl.where(causal, tl.exp2(s_own - lse2[:, None]), 0.0)
-                dv = tl.dot(tl.trans(p_own), do, input_precision="ieee")
-                dp_own = tl.dot(do, tl.trans(v), input_precision="ieee")
-                ds_own = p_own * (dp_own - delta[:, None])
-                dk = tl.dot(tl.trans(ds_own), q, input_precision="ieee") * sm_scale
-                dq += tl.dot(ds_own, k, input_precision="ieee")
-                own_off = (grow[:, None] * H + h) * HEAD_DIM + dcol[None, :]
-                tl.store(DK + own_off, dk.to(DK.dtype.element_ty), mask=row_ok[:, None])
-                tl.store(DV + own_off, dv.to(DV.dtype.element_ty), mask=row_ok[:, None])
-            else:  # later prefix blocks: add to the float32 dq of the earlier blocks
-                dq += tl.load(DQ_ACC + (grow[:, None] * H + h) * HEAD_DIM + dcol[None, :], mask=row_ok[:, None], other=0.0)
-
-            out_off = (grow[:, None] * H + h) * HEAD_DIM + dcol[None, :]
-            if pb == num_pb - 1:
-                tl.store(DQ + out_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
-            else:
-                tl.store(DQ_ACC + out_off, dq, mask=row_ok[:, None])
-
+            acc_dkp += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         part_off = ((c.to(tl.int64) * H + h) * P + p_idx[:, None]) * HEAD_DIM + dcol[None, :]
         tl.store(DKP_PART + part_off, acc_dkp * sm_scale, mask=p_ok[:, None])
         tl.store(DVP_PART + part_off, acc_dvp, mask=p_ok[:, None])
@@ -335,7 +383,7 @@ def _forward(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen):
         k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
         v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2),
         H, P, math.log2(math.e) / math.sqrt(dh),
-        HEAD_DIM=dh, BLOCK_S=block_s, BLOCK_P=block_p, **_launch_options(block_s, block_p, dh),
+        HEAD_DIM=dh, BLOCK_S=block_s, BLOCK_P=block_p, PREC=_precision(q.dtype), **_launch_options(block_s, block_p, dh, q.dtype),
     )
     return out, lse
 
@@ -363,17 +411,21 @@ def _backward(dout, q, k, v, k_prefix, v_prefix, out, lse, dlse, cu_seqlens, g_i
     c_max = ch_start.shape[0]
     dkp_part = _empty((c_max, H, P, dh), torch.float32, dev)
     dvp_part = _empty((c_max, H, P, dh), torch.float32, dev)
-    dq_acc = _empty((T, H, dh), torch.float32, dev) if P > block_p else dkp_part  # only read when P > BLOCK_P
-    _bwd_kernel[(c_max, H)](
-        q, k, v, k_prefix, v_prefix, out, dout, lse, dlse if dlse is not None else lse,
-        cu_seqlens, order, ch_start, ch_len, ch_group,
-        dq, dk, dv, dq_acc, dkp_part, dvp_part,
+    delta = _empty((T, H), torch.float32, dev)
+    strides = (k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2), v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2))
+    _bwd_rows_kernel[(N, H)](
+        q, k, v, k_prefix, v_prefix, out, dout, lse, dlse if dlse is not None else lse, cu_seqlens, g_idx,
+        dq, dk, dv, delta,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        k_prefix.stride(0), k_prefix.stride(1), k_prefix.stride(2),
-        v_prefix.stride(0), v_prefix.stride(1), v_prefix.stride(2),
-        H, P, 1.0 / math.sqrt(dh),
-        HEAD_DIM=dh, BLOCK_S=block_s, BLOCK_P=block_p, HAS_DLSE=dlse is not None,
-        **_launch_options(block_s, block_p, dh),
+        *strides, H, P, 1.0 / math.sqrt(dh),
+        HEAD_DIM=dh, BLOCK_S=block_s, BLOCK_P=block_p, HAS_DLSE=dlse is not None, PREC=_precision(q.dtype),
+        **_launch_options(block_s, block_p, dh, q.dtype),
+    )
+    _bwd_prefix_kernel[(c_max, H)](
+        q, k_prefix, v_prefix, dout, lse, delta, cu_seqlens, order, ch_start, ch_len, ch_group, dkp_part, dvp_part,
+        q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), *strides, H, P, 1.0 / math.sqrt(dh),
+        HEAD_DIM=dh, BLOCK_S=block_s, BLOCK_P=block_p, PREC=_precision(q.dtype),
+        **_launch_options(block_s, block_p, dh, q.dtype),
     )
     PD = P * dh
     block_e = min(_REDUCE_BLOCK, triton.next_power_of_2(PD))
