@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Dict, Sequence
 
 import torch
@@ -12,10 +10,11 @@ import torch.nn.functional as F
 
 from fastprompt._version import __version__
 from fastprompt.backbone import TextTower, check_clip_model, clip_source, freeze
+from fastprompt.learners.adapter_io import (  # noqa: F401 - write_adapter and the file names are re-exported
+    CONFIG_FILE, WEIGHTS_FILE, backbone_identity, read_adapter_meta, read_adapter_tensors, write_adapter,
+)
 from fastprompt.ops._dispatch import BACKENDS, default_backend
 
-CONFIG_FILE = "fastprompt_config.json"
-WEIGHTS_FILE = "prompt_learner.safetensors"
 
 # Learner backends: "reference" runs the official 77-token computation; every other value runs the fast
 # engine, with its ops on that backend ("torch" = the fast engine on eager torch ops).
@@ -177,7 +176,8 @@ class PromptLearner(nn.Module):
         print(f"trainable params: {n:,} || all params: {total:,} || trainable%: {100 * n / max(total, 1):.4f}")
 
     def save_pretrained(self, directory: str) -> None:
-        """Write the learnable tensors (safetensors) and a JSON config to ``directory``."""
+        """Write the learnable tensors (safetensors) and a JSON config to ``directory``, as one whole save that
+        records the backbone (:mod:`fastprompt.learners.adapter_io`)."""
         name, pretrained = clip_source(self.clip)
         meta = {
             "method": self.method,
@@ -185,30 +185,13 @@ class PromptLearner(nn.Module):
             "classnames": list(self.classnames),
             "clip_model": name,
             "clip_pretrained": pretrained,
+            "clip_backbone": backbone_identity(self.clip),
             "fastprompt_version": __version__,
         }
         write_adapter(directory, meta, self.trainable_state_dict())
 
     def load_trainable_state_dict(self, tensors: Dict[str, torch.Tensor]) -> None:
         load_into(self, tensors, self.method)
-
-
-def write_adapter(directory: str, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` ({name: tensor}, as safetensors) and ``meta`` (JSON) to ``directory`` atomically.
-
-    Both files are written to temporary names and then renamed: an interrupted save never leaves a
-    half-written adapter. Used by every learner's ``save_pretrained`` (and the VPT / VAPT classifiers').
-    """
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp_w, tmp_c = os.path.join(directory, WEIGHTS_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE + ".tmp")
-    save_file(tensors, tmp_w)
-    with open(tmp_c, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp_w, os.path.join(directory, WEIGHTS_FILE))
-    os.replace(tmp_c, os.path.join(directory, CONFIG_FILE))
 
 
 def load_into(module: nn.Module, tensors: Dict[str, torch.Tensor], method: str) -> None:
@@ -229,17 +212,12 @@ def load_into(module: nn.Module, tensors: Dict[str, torch.Tensor], method: str) 
 
 
 def read_pretrained(directory: str) -> Dict[str, Any]:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} holds no {CONFIG_FILE}; was it written by save_pretrained()?")
-    with open(path) as f:
-        return json.load(f)
+    """The config of the adapter in ``directory`` (see :mod:`fastprompt.learners.adapter_io`)."""
+    return read_adapter_meta(directory)
 
 
 def load_pretrained_tensors(directory: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(directory, WEIGHTS_FILE))
+    return read_adapter_tensors(directory)
 
 
 def config_from(config_class, config, overrides: Dict[str, Any]):
