@@ -13,7 +13,8 @@ from fastprompt.backbone import TextTower, check_clip_model, clip_source, freeze
 from fastprompt.learners.adapter_io import (  # noqa: F401 - write_adapter and the file names are re-exported
     CONFIG_FILE, WEIGHTS_FILE, backbone_identity, read_adapter_meta, read_adapter_tensors, write_adapter,
 )
-from fastprompt.ops._dispatch import BACKENDS, default_backend
+from fastprompt.ops._dispatch import BACKENDS, env_backend
+from fastprompt.validation import check_config_fields, check_ctx_init
 
 
 # Learner backends: "reference" runs the official 77-token computation; every other value runs the fast
@@ -41,7 +42,7 @@ class PromptLearner(nn.Module):
         self.tower = TextTower(clip_model)
         self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(self.tower)
         self._backend = "auto"
-        self.backend = getattr(config, "backend", None) or default_backend()
+        self.backend = getattr(config, "backend", None) or env_backend()
         self._text_cache = None
 
     # ------------------------------------------------------------------ backend
@@ -82,6 +83,8 @@ class PromptLearner(nn.Module):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch (B = 0); pass at least one image")
         if not images.is_floating_point():
             raise TypeError(
                 f"images must be floating point (normalised as the model's preprocess does), got {images.dtype}"
@@ -221,7 +224,8 @@ def load_pretrained_tensors(directory: str) -> Dict[str, torch.Tensor]:
 
 
 def config_from(config_class, config, overrides: Dict[str, Any]):
-    """A config dataclass from an instance or dict plus keyword overrides; unknown keys are an error."""
+    """A config dataclass from an instance or dict plus keyword overrides; unknown keys are an error, and so
+    are values of the wrong type or out of range (:func:`fastprompt.validation.check_config_fields`)."""
     if config is None:
         config = config_class()
     elif isinstance(config, dict):
@@ -230,7 +234,7 @@ def config_from(config_class, config, overrides: Dict[str, Any]):
     unknown = set(overrides) - names
     if unknown:
         raise TypeError(f"{config_class.__name__} has no option(s) {sorted(unknown)}; options: {sorted(names)}")
-    return dataclasses.replace(config, **overrides)
+    return check_config_fields(dataclasses.replace(config, **overrides))
 
 
 def context_init(tower: TextTower, tokenizer, ctx_init: str, n_ctx: int, csc: bool, n_cls: int, std: float):
@@ -241,7 +245,7 @@ def context_init(tower: TextTower, tokenizer, ctx_init: str, n_ctx: int, csc: bo
     """
     emb = tower.token_embedding
     if ctx_init:
-        ctx_init = ctx_init.replace("_", " ").strip()
+        ctx_init = check_ctx_init(ctx_init)
         n_ctx = len(ctx_init.split(" "))
         ids = torch.as_tensor(tokenizer([ctx_init]), dtype=torch.long).to(emb.weight.device)
         with torch.no_grad():

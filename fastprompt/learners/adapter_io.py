@@ -161,6 +161,8 @@ def check_backbone(directory: str, meta: Dict[str, Any], clip: nn.Module, strict
         return f"{ident.get('model')}/{ident.get('pretrained')} (text tower fingerprint {ident.get('text_fingerprint')})"
 
     message = (f"adapter {directory} was trained on {describe(stored)} but is being loaded onto {describe(mine)}")
+    if stored.get("pretrained") is None:
+        message += " (it was trained on randomly initialised weights, which a rebuild does not reproduce)"
     if strict:
         raise AdapterError(message + "; load it onto the same CLIP, or pass strict_backbone=False "
                                      "(CLI: --allow-backbone-mismatch) to load it anyway")

@@ -27,9 +27,9 @@ def from_pretrained(directory: str, clip_model=None, classnames: Optional[Sequen
                 f"{directory} does not record which CLIP it was trained on (the model did not come from "
                 "fastprompt.load_clip); pass clip_model="
             )
-        from fastprompt.backbone import load_clip
+        from fastprompt.backbone import load_clip_reproducible
 
-        clip_model, _, tok = load_clip(meta["clip_model"], pretrained=meta.get("clip_pretrained"))
+        clip_model, _, tok = load_clip_reproducible(meta["clip_model"], pretrained=meta.get("clip_pretrained"))
         tokenizer = tokenizer or tok
     check_backbone(directory, meta, clip_model, strict=strict_backbone)
     config = dict(meta["config"])

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["TrainingDiverged", "check_finite", "sample_seed", "sample_rng", "PerSampleSeeded", "EpochTaggedSampler"]
+__all__ = ["TrainingDiverged", "check_finite", "precheck_data", "sample_seed", "sample_rng", "PerSampleSeeded", "EpochTaggedSampler"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -99,3 +99,30 @@ class EpochTaggedSampler(Sampler):
         epoch = self.batch_sampler.epoch
         for batch in self.batch_sampler:
             yield [(epoch, i) for i in batch]
+
+
+def precheck_data(splits, parts: Sequence[str] = ("train_x", "test")) -> None:
+    """Before training: warn about classes without a training image, and check that every image of ``parts``
+    has a readable header (:class:`~fastprompt.datasets.images.ImageDecodeError` naming the bad files).
+
+    Only headers are read (a zero-byte file, a non-image or a damaged header is caught; a JPEG truncated in its
+    pixel data is caught when it is decoded, with the same error naming it): decoding a whole test set costs
+    minutes, a header check a few seconds; ``fastprompt datasets`` decodes everything."""
+    import collections
+    import warnings
+
+    from fastprompt.datasets.images import ImageDecodeError, check_images
+
+    if "train_x" in parts and splits.train_x:
+        counts = collections.Counter(d.label for d in splits.train_x)
+        empty = [splits.classnames[c] for c in range(len(splits.classnames)) if counts[c] == 0]
+        if empty:
+            shown = ", ".join(repr(n) for n in empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+            warnings.warn(f"{len(empty)} class(es) of {splits.name} have no training image and are trained only "
+                          f"through the shared prompt: {shown}", stacklevel=2)
+    paths = [d.impath for part in parts for d in getattr(splits, part)]
+    bad = check_images(paths, decode=False)
+    if bad:
+        shown = "; ".join(f"{p} ({why})" for p, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ImageDecodeError(f"{len(bad)} unreadable image(s) in {splits.name}: {shown}; fix or remove them "
+                               "(fastprompt datasets --root ... checks every image)")

@@ -17,6 +17,7 @@ from fastprompt.training.config import TrainConfig, base2new_protocol, resolve_d
 from fastprompt.training.data import DatumDataset, test_transform, train_transform
 from fastprompt.training.distributed import dist_info, init_distributed
 from fastprompt.training.evaluate import evaluate, summarize_base2new, summarize_cross_dataset
+from fastprompt.training.guards import precheck_data
 from fastprompt.training.report import write_json, write_report
 from fastprompt.training.rundir import lock_run_dir
 from fastprompt.training.trainer import Trainer, resolve_device, seed_everything
@@ -31,7 +32,7 @@ def build_clip(model: str, pretrained: Optional[str], device: torch.device, prec
     JSON (registered with ``open_clip.add_model_config`` under its file stem, e.g. a tiny test config)."""
     import open_clip
 
-    from fastprompt.backbone import load_clip
+    from fastprompt.backbone import load_clip_reproducible
 
     name = model
     if model.endswith(".json"):
@@ -41,7 +42,8 @@ def build_clip(model: str, pretrained: Optional[str], device: torch.device, prec
         name = os.path.splitext(os.path.basename(model))[0]
     if pretrained is not None and str(pretrained).lower() == "none":
         pretrained = None
-    clip, preprocess, tokenizer = load_clip(name, pretrained=pretrained)
+    # Random weights are drawn under a fixed seed: `fastprompt eval` rebuilds the backbone a run was trained on.
+    clip, preprocess, tokenizer = load_clip_reproducible(name, pretrained=pretrained)
     if precision == "fp64":
         clip = clip.double()
     clip = clip.to(device)
@@ -132,6 +134,7 @@ def _train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optiona
         cfg = dataclasses.replace(cfg, device=str(device))
     seed_everything(cfg.seed)  # Dassl seeds before building the dataset (few-shot sampling uses it)
     splits = load_splits(cfg.dataset, cfg.root, cfg.shots, cfg.seed, cfg.subsample)
+    precheck_data(splits)  # unreadable train/test image headers fail here, before any training
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained, device, cfg.precision)
     from fastprompt.learners import create_learner
 
