@@ -122,20 +122,35 @@ class PromptLearner(nn.Module):
 
     # ------------------------------------------------------------------ caching of text features
     def _trainable_key(self):
-        return tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters() if p.requires_grad)
+        return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
+                     for p in self.parameters() if p.requires_grad)
 
     def cached_text_features(self, compute) -> torch.Tensor:
         """Text features that do not depend on the image: in eval mode under no_grad, computed once and
-        reused until a trainable tensor changes (optimizer step, load) or the mode/backend changes."""
+        reused until a trainable tensor changes (optimizer step, load, any in-place edit) or the mode/backend
+        changes.
+
+        A tensor's version counter misses edits through ``.data`` (``learner.ctx.data += 1``) and raw storage,
+        so the cache also keeps a copy of the trainable tensors and compares values before reusing (one fused
+        comparison, one host read per call; the tensors are the small learnable prompts).
+        """
         if self.training or torch.is_grad_enabled():
             self._text_cache = None
             return compute()
+        params = [p for p in self.parameters() if p.requires_grad]
         key = (self._trainable_key(), self._backend)
         if self._text_cache is not None and self._text_cache[0] == key:
-            return self._text_cache[1]
+            snapshot = self._text_cache[2]
+            changed = bool(torch.stack([(s != p).any() for s, p in zip(snapshot, params)]).any()) if params else False
+            if not changed:  # (NaN != NaN: a NaN tensor is never reused, always recomputed)
+                return self._text_cache[1]
         feats = compute()
-        self._text_cache = (key, feats)
+        self._text_cache = (key, feats, [p.detach().clone() for p in params])
         return feats
+
+    def clear_cache(self) -> None:
+        """Drop the cached eval-mode text features (they are recomputed on the next call)."""
+        self._text_cache = None
 
     def train(self, mode: bool = True):
         self._text_cache = None

@@ -33,17 +33,25 @@ def build_clip(model: str, pretrained: Optional[str], device: torch.device, prec
     import open_clip
 
     from fastprompt.backbone import load_clip_reproducible
+    from fastprompt.pretrained_source import check_pretrained_reachable, read_model_config
 
     name = model
     if model.endswith(".json"):
-        if not os.path.isfile(model):
-            raise FileNotFoundError(f"model config {model!r} does not exist")
+        read_model_config(model)  # a malformed file is an error naming it, and never reaches open_clip's registry
         open_clip.add_model_config(model)
         name = os.path.splitext(os.path.basename(model))[0]
     if pretrained is not None and str(pretrained).lower() == "none":
         pretrained = None
-    # Random weights are drawn under a fixed seed: `fastprompt eval` rebuilds the backbone a run was trained on.
-    clip, preprocess, tokenizer = load_clip_reproducible(name, pretrained=pretrained)
+    if pretrained is not None:
+        check_pretrained_reachable(name, pretrained)  # offline and not cached: fail now, saying what to do
+    try:
+        # Random weights are drawn under a fixed seed: `fastprompt eval` rebuilds the backbone a run was trained on.
+        clip, preprocess, tokenizer = load_clip_reproducible(name, pretrained=pretrained)
+    except Exception as exc:  # noqa: BLE001 - torch / open_clip raise many types for a file that is not a checkpoint
+        if pretrained is None or not os.path.isfile(pretrained):
+            raise
+        raise ValueError(f"--pretrained {pretrained} is not a checkpoint open_clip can load into {name} "
+                         f"(loading it raised {type(exc).__name__})") from exc
     if precision == "fp64":
         clip = clip.double()
     clip = clip.to(device)
