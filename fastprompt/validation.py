@@ -88,8 +88,10 @@ def check_device(device: Any) -> str:
 def check_train_numbers(cfg: Any) -> None:
     """The numeric fields of a TrainConfig: finite, right type, in range (named by their CLI option)."""
     checks = [  # field, CLI option, integer, minimum, strict
-        ("epochs", "--epochs", True, 1, False), ("batch_size", "--batch-size", True, 1, False),
-        ("test_batch_size", "--test-batch-size", True, 1, False), ("lr", "--lr", False, 0, True),
+        ("epochs", "--epochs / OPTIM.MAX_EPOCH", True, 1, False),
+        ("batch_size", "--batch-size / DATALOADER.TRAIN_X.BATCH_SIZE", True, 1, False),
+        ("test_batch_size", "--test-batch-size / DATALOADER.TEST.BATCH_SIZE", True, 1, False),
+        ("lr", "--lr / OPTIM.LR", False, 0, True),
         ("momentum", "momentum (OPTIM.MOMENTUM)", False, 0, False),
         ("weight_decay", "weight_decay (OPTIM.WEIGHT_DECAY)", False, 0, False),
         ("warmup_epoch", "warmup_epoch (OPTIM.WARMUP_EPOCH)", True, 0, False),

@@ -178,6 +178,8 @@ class TrainConfig:
 
         if self.method not in list_learners():
             raise ValueError(f"unknown method {self.method!r}; available: {', '.join(list_learners())}")
+        check_train_numbers(self)  # types, finiteness and ranges, named by their CLI option
+        check_device(self.device)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.subsample not in SUBSAMPLES:
@@ -202,8 +204,6 @@ class TrainConfig:
         unknown = set(self.learner) - set(learner_fields)
         if unknown:
             raise ValueError(f"{self.method} has no option(s) {sorted(unknown)}; options: {sorted(learner_fields)}")
-        check_train_numbers(self)
-        check_device(self.device)
         from fastprompt.learners import get_learner_class
         from fastprompt.learners._common import config_from
 
