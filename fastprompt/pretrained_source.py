@@ -75,13 +75,20 @@ def _reachable(host: str, timeout: float) -> bool:
 def check_pretrained_reachable(name: str, tag: str, cache_dir: Optional[str] = None,
                                timeout: float = PROBE_TIMEOUT_S) -> None:
     """ValueError (one line, what to do) when the weights of ``name``/``tag`` are neither cached nor
-    downloadable right now. Paths and unknown tags are left to the loader."""
+    downloadable right now, or when ``tag`` is neither a file nor a tag of ``name``."""
     if os.path.exists(tag) or os.environ.get("FASTPROMPT_SKIP_NETWORK_CHECK"):
         return
     import open_clip
 
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
     cfg = open_clip.get_pretrained_cfg(name, tag)
-    if not cfg or _cached(cfg, cache_dir):
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        known = f"its tags: {', '.join(tags)}" if tags else "it has no pretrained tags"
+        raise ValueError(f"--pretrained {tag!r} is neither an existing file nor a pretrained tag of {name} ({known}); "
+                         "pass a tag, a checkpoint file, or none")
+    if _cached(cfg, cache_dir):
         return
     hosts = [h for h in ("huggingface.co" if cfg.get("hf_hub") else None,
                          urlparse(cfg.get("url", "")).hostname) if h]
