@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["TrainingDiverged", "check_finite", "precheck_data", "sample_seed", "sample_rng", "PerSampleSeeded", "EpochTaggedSampler"]
+__all__ = ["TrainingDiverged", "check_finite", "precheck_data", "sample_seed", "sample_rng", "PerSampleSeeded",
+           "EpochTaggedSampler"]
 
 
 class TrainingDiverged(RuntimeError):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastprompt.learners._common import load_pretrained_tensors, read_pretrained, write_adapter
-from fastprompt.training.checkpoint import load_checkpoint, save_checkpoint
+from fastprompt.training.checkpoint import save_checkpoint
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

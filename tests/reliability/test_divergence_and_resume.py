@@ -37,9 +37,11 @@ def _argv(env, out, *extra):
 
 
 @pytest.mark.parametrize("option, named", [
-    (["--lr", "inf"], "--lr / OPTIM.LR must be finite"), (["--lr", "nan"], "--lr / OPTIM.LR must be finite"),
+    (["--lr", "inf"], "--lr / OPTIM.LR must be finite"),
+    (["--lr", "nan"], "--lr / OPTIM.LR must be finite"),
     (["--lr", "-0.1"], "--lr / OPTIM.LR must be > 0"),
-    (["--epochs", "-1"], "--epochs / OPTIM.MAX_EPOCH must be >= 1"), (["--batch-size", "0"], "--batch-size / DATALOADER.TRAIN_X.BATCH_SIZE must be >= 1"),
+    (["--epochs", "-1"], "--epochs / OPTIM.MAX_EPOCH must be >= 1"),
+    (["--batch-size", "0"], "--batch-size / DATALOADER.TRAIN_X.BATCH_SIZE must be >= 1"),
     (["--num-workers", "-2"], "--num-workers must be >= 0"),
     (["--opts", "OPTIM.WEIGHT_DECAY", "-1"], "OPTIM.WEIGHT_DECAY"), (["--opts", "OPTIM.LR", "inf"], "OPTIM.LR"),
     (["--opts", "OPTIM.MOMENTUM", "nan"], "OPTIM.MOMENTUM"), (["--opts", "TRAINER.COOP.N_CTX", "-3"], "n_ctx must be >= 0"),
