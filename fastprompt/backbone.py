@@ -190,3 +190,17 @@ def load_clip(
     freeze(model).eval()
     model._fastprompt_source = (name, pretrained)
     return model, preprocess, tokenizer
+
+
+RANDOM_INIT_SEED = 0
+
+
+def load_clip_reproducible(name: str, pretrained: Optional[str] = None, **kwargs):
+    """:func:`load_clip`, except that random weights (``pretrained=None``) are drawn under a fixed seed
+    (``RANDOM_INIT_SEED``) without touching the global RNG: a run on a random backbone (tests, smoke runs) and
+    its later evaluation then build the same CLIP, which the adapter's backbone fingerprint checks."""
+    if pretrained is not None:
+        return load_clip(name, pretrained=pretrained, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return load_clip(name, pretrained=None, **kwargs)

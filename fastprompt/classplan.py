@@ -12,13 +12,16 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from fastprompt.validation import check_unique_classnames
+
 __all__ = ["ClassPlan", "build_class_plan", "clean_classnames", "CLASS_POSITIONS"]
 
 CLASS_POSITIONS = ("end", "middle", "front")
 
 
 def clean_classnames(classnames: Sequence[str]) -> List[str]:
-    """Validate a class list and replace ``_`` with spaces, as the official code does."""
+    """Validate a class list and replace ``_`` with spaces, as the official code does. Names that are equal
+    after that (ignoring case and extra spaces) are an error (:func:`fastprompt.validation.check_unique_classnames`)."""
     if isinstance(classnames, str) or not isinstance(classnames, Sequence):
         raise TypeError(f"classnames must be a list of strings, got {type(classnames).__name__}")
     if len(classnames) == 0:
@@ -31,6 +34,7 @@ def clean_classnames(classnames: Sequence[str]) -> List[str]:
         if not name:
             raise ValueError(f"class {i} has an empty name")
         cleaned.append(name)
+    check_unique_classnames(cleaned)
     return cleaned
 
 

@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import List, Optional
 
+from fastprompt.cli_checks import check_bench_args, check_dataset_images, interrupted_hint, one_line
+
 DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -16,6 +18,10 @@ def _bench(args: argparse.Namespace) -> int:
     from fastprompt.bench import DEFAULT_CASES, BenchCase, format_table, results_json, run_cases
 
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" warning
+    problem = check_bench_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +39,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.preset == "issue":
         cases = [BenchCase("coop", 1000), BenchCase("cocoop", 100, batch=8, dataset="caltech101")]
     elif args.method:
-        cases = [BenchCase(m, args.classes, args.batch if m == "cocoop" else 1, args.dataset, args.n_ctx) for m in args.method]
+        classes = args.classes or 100
+        cases = [BenchCase(m, classes, args.batch if m == "cocoop" else 1, args.dataset, args.n_ctx) for m in args.method]
     else:
         cases = DEFAULT_CASES
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -196,7 +203,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     out = eval_run(args.run, args.dataset, args.root, subsample=args.subsample, output_dir=args.output_dir,
                    device=args.device, precision=args.precision, batch_size=args.batch_size,
-                   num_workers=args.num_workers, progress=not args.no_progress)
+                   num_workers=args.num_workers, progress=not args.no_progress,
+                   strict_backbone=not args.allow_backbone_mismatch)
     print(markdown_table(out["rows"], ["dataset", "accuracy"]))
     print("wrote " + ", ".join(out["paths"].values()))
     return 0
@@ -214,6 +222,10 @@ def _datasets(args: argparse.Namespace) -> int:
     for name in names:
         problems = check(name, args.root)
         status = "ok" if not problems else "MISSING"
+        if not problems:
+            bad_images = check_dataset_images(name, args.root, decode=not args.no_decode, progress=not args.no_progress)
+            problems = [f"unreadable image {path}: {why}" for path, why in bad_images]
+            status = "ok" if not problems else "BAD IMAGES"
         print(f"{name}: {status}")
         for problem in problems:
             print(f"  - {problem}")
@@ -235,6 +247,7 @@ def _bench_steps(args: argparse.Namespace, device: str) -> int:
         return 2
     methods = args.method or ["coop", "cocoop"]
     names = fastprompt.load_classnames(args.dataset)
+    args.classes = args.classes or 100
     if args.classes > len(names):
         print(f"error: {args.dataset} has {len(names)} classes, asked for {args.classes}", file=sys.stderr)
         return 2
@@ -266,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--step", action="store_true",
                        help="time a whole training step (image tower, text side, loss, backward, SGD step) of any "
                             "CLIP learner instead of the text side alone")
-    bench.add_argument("--classes", type=int, default=100, help="number of classes (first C names of --dataset)")
+    bench.add_argument("--classes", type=int, default=None,
+                       help="number of classes (first C names of --dataset; default 100); with --method or --step")
     bench.add_argument("--batch", type=int, default=8, help="images per batch (CoCoOp; every method with --step)")
     bench.add_argument("--tasks", type=int, default=2, help="softcpt --step: the classes read as this many tasks")
     bench.add_argument("--dataset", default="imagenet", help="shipped class list to take names from")
@@ -305,11 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--num-workers", type=int, default=None)
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--allow-backbone-mismatch", action="store_true",
+                    help="load the run's adapter even if this CLIP's text tower differs from the one it was trained on")
     ev.set_defaults(func=_eval)
 
-    dsets = sub.add_parser("datasets", help="check a datasets root: report what is missing")
+    dsets = sub.add_parser("datasets", help="check a datasets root: report what is missing and every unreadable image")
     dsets.add_argument("--root", required=True)
     dsets.add_argument("--dataset", nargs="*", default=None, help="default: every known dataset")
+    dsets.add_argument("--no-decode", action="store_true",
+                       help="check image headers only (fast) instead of decoding every image")
+    dsets.add_argument("--no-progress", action="store_true")
     dsets.set_defaults(func=_datasets)
 
     from fastprompt.cli_ecosystem import add_commands
@@ -323,13 +342,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command in ("bench", "env", "selftest"):
         return args.func(args)
     from fastprompt.training.checkpoint import CheckpointError
+    from fastprompt.training.guards import TrainingDiverged
 
     try:
         return args.func(args)
     except (CLIError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError) as exc:
         # User errors: one clear line, no traceback; nothing was overwritten (runs check before writing).
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {interrupted_hint(args, argv)}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

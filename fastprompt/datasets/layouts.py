@@ -58,7 +58,10 @@ def _classnames_from_items(*lists: Sequence[Datum]) -> List[str]:
     names: Dict[int, str] = {}
     for lst in lists:
         for it in lst:
-            names.setdefault(it.label, it.classname)
+            known = names.setdefault(it.label, it.classname)
+            if known != it.classname:
+                raise ValueError(f"label {it.label} has two class names, {known!r} and {it.classname!r} "
+                                 f"(e.g. at {it.impath}); one label must have one name")
     if not names:
         return []
     missing = sorted(set(range(max(names) + 1)) - set(names))

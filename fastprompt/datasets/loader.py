@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .base import Datum
+from .images import load_rgb
 
 __all__ = ["ImageDataset", "build_loader", "clip_transforms", "CLIP_MEAN", "CLIP_STD"]
 
@@ -30,11 +31,8 @@ class ImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> Tuple[object, int]:
-        from PIL import Image
-
         item = self.items[i]
-        with Image.open(item.impath) as im:  # Dassl's read_image: PIL, converted to RGB
-            img = im.convert("RGB")
+        img = load_rgb(item.impath)  # Dassl's read_image: PIL, converted to RGB; a bad file is named
         if self.transform is not None:
             img = self.transform(img)
         return img, item.label

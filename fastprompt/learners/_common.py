@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Dict, Sequence
 
 import torch
@@ -13,10 +11,12 @@ import torch.nn.functional as F
 from fastprompt._version import __version__
 from fastprompt.backbone import TextTower, check_clip_model, clip_source, freeze
 from fastprompt.interop import InteropMixin
-from fastprompt.ops._dispatch import BACKENDS, default_backend
+from fastprompt.learners.adapter_io import (  # noqa: F401 - write_adapter and the file names are re-exported
+    CONFIG_FILE, WEIGHTS_FILE, backbone_identity, read_adapter_meta, read_adapter_tensors, write_adapter,
+)
+from fastprompt.ops._dispatch import BACKENDS, env_backend
+from fastprompt.validation import check_config_fields, check_ctx_init
 
-CONFIG_FILE = "fastprompt_config.json"
-WEIGHTS_FILE = "prompt_learner.safetensors"
 
 # Learner backends: "reference" runs the official 77-token computation; every other value runs the fast
 # engine, with its ops on that backend ("torch" = the fast engine on eager torch ops).
@@ -43,7 +43,7 @@ class PromptLearner(InteropMixin, nn.Module):
         self.tower = TextTower(clip_model)
         self.tokenizer = tokenizer if tokenizer is not None else default_tokenizer(self.tower)
         self._backend = "auto"
-        self.backend = getattr(config, "backend", None) or default_backend()
+        self.backend = getattr(config, "backend", None) or env_backend()
         self._text_cache = None
 
     def __setattr__(self, name: str, value) -> None:
@@ -93,6 +93,8 @@ class PromptLearner(InteropMixin, nn.Module):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         if images.dim() != 4:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch (B = 0); pass at least one image")
         if not images.is_floating_point():
             raise TypeError(
                 f"images must be floating point (normalised as the model's preprocess does), got {images.dtype}"
@@ -130,20 +132,35 @@ class PromptLearner(InteropMixin, nn.Module):
 
     # ------------------------------------------------------------------ caching of text features
     def _trainable_key(self):
-        return tuple((id(p), p._version, p.dtype, p.device) for p in self.parameters() if p.requires_grad)
+        return tuple((id(p), p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
+                     for p in self.parameters() if p.requires_grad)
 
     def cached_text_features(self, compute) -> torch.Tensor:
         """Text features that do not depend on the image: in eval mode under no_grad, computed once and
-        reused until a trainable tensor changes (optimizer step, load) or the mode/backend changes."""
+        reused until a trainable tensor changes (optimizer step, load, any in-place edit) or the mode/backend
+        changes.
+
+        A tensor's version counter misses edits through ``.data`` (``learner.ctx.data += 1``) and raw storage,
+        so the cache also keeps a copy of the trainable tensors and compares values before reusing (one fused
+        comparison, one host read per call; the tensors are the small learnable prompts).
+        """
         if self.training or torch.is_grad_enabled():
             self._text_cache = None
             return compute()
+        params = [p for p in self.parameters() if p.requires_grad]
         key = (self._trainable_key(), self._backend)
         if self._text_cache is not None and self._text_cache[0] == key:
-            return self._text_cache[1]
+            snapshot = self._text_cache[2]
+            changed = bool(torch.stack([(s != p).any() for s, p in zip(snapshot, params)]).any()) if params else False
+            if not changed:  # (NaN != NaN: a NaN tensor is never reused, always recomputed)
+                return self._text_cache[1]
         feats = compute()
-        self._text_cache = (key, feats)
+        self._text_cache = (key, feats, [p.detach().clone() for p in params])
         return feats
+
+    def clear_cache(self) -> None:
+        """Drop the cached eval-mode text features (they are recomputed on the next call)."""
+        self._text_cache = None
 
     def train(self, mode: bool = True):
         self._text_cache = None
@@ -187,7 +204,8 @@ class PromptLearner(InteropMixin, nn.Module):
         print(f"trainable params: {n:,} || all params: {total:,} || trainable%: {100 * n / max(total, 1):.4f}")
 
     def save_pretrained(self, directory: str) -> None:
-        """Write the learnable tensors (safetensors) and a JSON config to ``directory``."""
+        """Write the learnable tensors (safetensors) and a JSON config to ``directory``, as one whole save that
+        records the backbone (:mod:`fastprompt.learners.adapter_io`)."""
         name, pretrained = clip_source(self.clip)
         meta = {
             "method": self.method,
@@ -195,30 +213,13 @@ class PromptLearner(InteropMixin, nn.Module):
             "classnames": list(self.classnames),
             "clip_model": name,
             "clip_pretrained": pretrained,
+            "clip_backbone": backbone_identity(self.clip),
             "fastprompt_version": __version__,
         }
         write_adapter(directory, meta, self.trainable_state_dict())
 
     def load_trainable_state_dict(self, tensors: Dict[str, torch.Tensor]) -> None:
         load_into(self, tensors, self.method)
-
-
-def write_adapter(directory: str, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
-    """Write ``tensors`` ({name: tensor}, as safetensors) and ``meta`` (JSON) to ``directory`` atomically.
-
-    Both files are written to temporary names and then renamed: an interrupted save never leaves a
-    half-written adapter. Used by every learner's ``save_pretrained`` (and the VPT / VAPT classifiers').
-    """
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp_w, tmp_c = os.path.join(directory, WEIGHTS_FILE + ".tmp"), os.path.join(directory, CONFIG_FILE + ".tmp")
-    save_file(tensors, tmp_w)
-    with open(tmp_c, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp_w, os.path.join(directory, WEIGHTS_FILE))
-    os.replace(tmp_c, os.path.join(directory, CONFIG_FILE))
 
 
 def load_into(module: nn.Module, tensors: Dict[str, torch.Tensor], method: str) -> None:
@@ -239,21 +240,17 @@ def load_into(module: nn.Module, tensors: Dict[str, torch.Tensor], method: str) 
 
 
 def read_pretrained(directory: str) -> Dict[str, Any]:
-    path = os.path.join(directory, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{directory} holds no {CONFIG_FILE}; was it written by save_pretrained()?")
-    with open(path) as f:
-        return json.load(f)
+    """The config of the adapter in ``directory`` (see :mod:`fastprompt.learners.adapter_io`)."""
+    return read_adapter_meta(directory)
 
 
 def load_pretrained_tensors(directory: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(directory, WEIGHTS_FILE))
+    return read_adapter_tensors(directory)
 
 
 def config_from(config_class, config, overrides: Dict[str, Any]):
-    """A config dataclass from an instance or dict plus keyword overrides; unknown keys are an error."""
+    """A config dataclass from an instance or dict plus keyword overrides; unknown keys are an error, and so
+    are values of the wrong type or out of range (:func:`fastprompt.validation.check_config_fields`)."""
     if config is None:
         config = config_class()
     elif isinstance(config, dict):
@@ -262,7 +259,7 @@ def config_from(config_class, config, overrides: Dict[str, Any]):
     unknown = set(overrides) - names
     if unknown:
         raise TypeError(f"{config_class.__name__} has no option(s) {sorted(unknown)}; options: {sorted(names)}")
-    return dataclasses.replace(config, **overrides)
+    return check_config_fields(dataclasses.replace(config, **overrides))
 
 
 def context_init(tower: TextTower, tokenizer, ctx_init: str, n_ctx: int, csc: bool, n_cls: int, std: float):
@@ -273,7 +270,7 @@ def context_init(tower: TextTower, tokenizer, ctx_init: str, n_ctx: int, csc: bo
     """
     emb = tower.token_embedding
     if ctx_init:
-        ctx_init = ctx_init.replace("_", " ").strip()
+        ctx_init = check_ctx_init(ctx_init)
         n_ctx = len(ctx_init.split(" "))
         ids = torch.as_tensor(tokenizer([ctx_init]), dtype=torch.long).to(emb.weight.device)
         with torch.no_grad():

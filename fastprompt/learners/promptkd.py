@@ -44,8 +44,9 @@ import torch.nn.functional as F
 
 from fastprompt.backbone import clip_source
 from fastprompt.learners._common import (
-    PromptLearner, config_from, load_into, load_pretrained_tensors, read_pretrained, write_adapter,
+    PromptLearner, backbone_identity, config_from, load_into, load_pretrained_tensors, read_pretrained, write_adapter,
 )
+from fastprompt.learners.adapter_io import check_backbone
 from fastprompt.learners._deep_prompts import prompted_image_features, visual_width
 from fastprompt.learners._family import forwarding_backend
 from fastprompt.learners.registry import create_learner, register_learner
@@ -283,17 +284,19 @@ class PromptKD(PromptLearner):
         config = dataclasses.replace(self.config, teacher_dir=None)
         meta = {"method": self.method, "config": dataclasses.asdict(config),
                 "classnames": list(self.classnames), "clip_model": name, "clip_pretrained": pretrained,
-                "fastprompt_version": __version__}
+                "clip_backbone": backbone_identity(self.clip), "fastprompt_version": __version__}
         write_adapter(directory, meta, self.trainable_state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str, clip_model: nn.Module, teacher_clip: Optional[nn.Module] = None,
-                        classnames: Optional[Sequence[str]] = None, tokenizer=None, teacher_tokenizer=None, **overrides):
+                        classnames: Optional[Sequence[str]] = None, tokenizer=None, teacher_tokenizer=None,
+                        strict_backbone: bool = True, **overrides):
         """Rebuild a saved PromptKD on ``clip_model`` (student) and ``teacher_clip`` (needed when the teacher's
         CLIP cannot be rebuilt by name; ``fastprompt.from_pretrained`` works when it can)."""
         meta = read_pretrained(directory)
         if meta.get("method") != cls.method:
             raise ValueError(f"{directory} holds a {meta.get('method')!r} adapter, not promptkd")
+        check_backbone(directory, meta, clip_model, strict=strict_backbone)
         config = {**meta["config"], **overrides}
         learner = cls(clip_model, classnames or meta["classnames"], config=config, tokenizer=tokenizer,
                       teacher_clip=teacher_clip, teacher_tokenizer=teacher_tokenizer)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from fastprompt.encoders.prompted_vision import INSERT_MODES, PromptedVisionEncoder
 from fastprompt.learners._common import LEARNER_BACKENDS, PromptLearner, config_from, write_adapter
 from fastprompt.learners.registry import register_learner
-from fastprompt.ops._dispatch import default_backend
+from fastprompt.ops._dispatch import env_backend
 from fastprompt.templates import format_prompts, template_for
 
 __all__ = ["VPT", "VPTConfig", "VPTPrompts", "VPTClassifier", "vpt_init_bound"]
@@ -216,7 +216,7 @@ class VPTClassifier(nn.Module):
         else:
             nn.init.zeros_(self.head.bias)
         self._backend = "auto"
-        self.backend = getattr(config, "backend", None) or default_backend()
+        self.backend = getattr(config, "backend", None) or env_backend()
 
     @classmethod
     def from_timm(cls, model: nn.Module, num_classes: int, config=None, **kwargs) -> "VPTClassifier":

@@ -16,10 +16,20 @@ BACKENDS = ("auto", "reference", "triton", "compiled", "cpu", "cuda")
 Check = Callable[[torch.device], Tuple[bool, str]]
 
 
-def default_backend() -> str:
+def env_backend() -> str:
+    """``FASTPROMPT_BACKEND`` (default ``auto``): an op backend, or ``torch`` (learners: the fast engine on eager
+    torch ops; ops: ``reference``)."""
     backend = os.environ.get("FASTPROMPT_BACKEND", "auto").strip().lower() or "auto"
-    check_backend(backend)
+    if backend not in BACKENDS + ("torch",):
+        raise ValueError(f"FASTPROMPT_BACKEND={backend!r} is not a backend; choose one of "
+                         f"{', '.join(BACKENDS + ('torch',))}")
     return backend
+
+
+def default_backend() -> str:
+    """The op backend ``FASTPROMPT_BACKEND`` selects (``torch`` means the eager ops, ``reference``)."""
+    backend = env_backend()
+    return "reference" if backend == "torch" else backend
 
 
 def check_backend(backend: str) -> str:

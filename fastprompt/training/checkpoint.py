@@ -4,7 +4,7 @@ A checkpoint is one ``torch.save`` file (``checkpoint.pt`` in the run directory)
 config, the class names, the learnable tensors, the optimizer / schedule / grad-scaler state, the number of
 finished epochs and the RNG states (python, numpy, torch, CUDA). It is written to a temporary file first and
 moved into place with ``os.replace`` (atomic on POSIX), so an interrupted write never damages the previous
-checkpoint. Loading checks every field and fails with :class:`CheckpointError` naming the file; nothing is
+checkpoint; the temporary name is unique per writer, and the leftovers of killed writers are removed. Loading checks every field and fails with :class:`CheckpointError` naming the file; nothing is
 written while checking.
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
+
+from fastprompt.io.atomic import clean_orphans, fsync_dir, temp_name
 
 __all__ = ["CheckpointError", "CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "check_compatible",
            "rng_state", "set_rng_state"]
@@ -56,13 +58,20 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     payload = dict(payload, format=FORMAT, version=VERSION)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    # A unique temporary name per writer and call (two writers never share one), fsync'ed before the rename;
+    # temporary files of killed writers are removed here (clean_orphans), so they do not pile up.
+    clean_orphans(path)
+    tmp = temp_name(path)
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    fsync_dir(directory)
 
 
 _REQUIRED = ("method", "learner_config", "classnames", "trainable", "optimizer", "schedule", "epoch", "rng", "train_config")

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from fastprompt.validation import check_device, check_train_numbers
+
 __all__ = ["TrainConfig", "METHOD_DEFAULTS", "method_defaults", "PRECISIONS", "resolve_defaults", "apply_opts", "load_config_file",
            "apply_mapping", "default_epochs", "valid_keys"]
 
@@ -178,6 +180,8 @@ class TrainConfig:
 
         if self.method not in list_learners():
             raise ValueError(f"unknown method {self.method!r}; available: {', '.join(list_learners())}")
+        check_train_numbers(self)  # types, finiteness and ranges, named by their CLI option
+        check_device(self.device)
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.subsample not in SUBSAMPLES:
@@ -202,6 +206,10 @@ class TrainConfig:
         unknown = set(self.learner) - set(learner_fields)
         if unknown:
             raise ValueError(f"{self.method} has no option(s) {sorted(unknown)}; options: {sorted(learner_fields)}")
+        from fastprompt.learners import get_learner_class
+        from fastprompt.learners._common import config_from
+
+        config_from(get_learner_class(self.method).config_class, dict(self.learner), {})  # type / range checks
         return self
 
 

@@ -86,12 +86,10 @@ class DatumDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from fastprompt.datasets.images import load_rgb
 
         item = self.items[i]
-        with Image.open(item.impath) as img:
-            image = img.convert("RGB")
-        return self.transform(image), int(item.label)
+        return self.transform(load_rgb(item.impath)), int(item.label)  # ImageDecodeError names a bad file
 
 
 def collate(batch):

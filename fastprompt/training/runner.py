@@ -19,7 +19,9 @@ from fastprompt.training.console import RunsETA
 from fastprompt.training.data import DatumDataset, test_transform, train_transform
 from fastprompt.training.distributed import dist_info, init_distributed
 from fastprompt.training.evaluate import evaluate, summarize_base2new, summarize_cross_dataset
+from fastprompt.training.guards import precheck_data
 from fastprompt.training.report import write_json, write_report
+from fastprompt.training.rundir import lock_run_dir
 from fastprompt.training.trainer import Trainer, resolve_device, seed_everything
 
 __all__ = ["build_clip", "load_splits", "train_run", "eval_run", "base2new_run", "RUN_CONFIG", "RESULTS", "ADAPTER_DIR"]
@@ -32,17 +34,26 @@ def build_clip(model: str, pretrained: Optional[str], device: torch.device, prec
     JSON (registered with ``open_clip.add_model_config`` under its file stem, e.g. a tiny test config)."""
     import open_clip
 
-    from fastprompt.backbone import load_clip
+    from fastprompt.backbone import load_clip_reproducible
+    from fastprompt.pretrained_source import check_pretrained_reachable, read_model_config
 
     name = model
     if model.endswith(".json"):
-        if not os.path.isfile(model):
-            raise FileNotFoundError(f"model config {model!r} does not exist")
+        read_model_config(model)  # a malformed file is an error naming it, and never reaches open_clip's registry
         open_clip.add_model_config(model)
         name = os.path.splitext(os.path.basename(model))[0]
     if pretrained is not None and str(pretrained).lower() == "none":
         pretrained = None
-    clip, preprocess, tokenizer = load_clip(name, pretrained=pretrained)
+    if pretrained is not None:
+        check_pretrained_reachable(name, pretrained)  # offline and not cached: fail now, saying what to do
+    try:
+        # Random weights are drawn under a fixed seed: `fastprompt eval` rebuilds the backbone a run was trained on.
+        clip, preprocess, tokenizer = load_clip_reproducible(name, pretrained=pretrained)
+    except Exception as exc:  # noqa: BLE001 - torch / open_clip raise many types for a file that is not a checkpoint
+        if pretrained is None or not os.path.isfile(pretrained):
+            raise
+        raise ValueError(f"--pretrained {pretrained} is not a checkpoint open_clip can load into {name} "
+                         f"(loading it raised {type(exc).__name__})") from exc
     if precision == "fp64":
         clip = clip.double()
     clip = clip.to(device)
@@ -109,6 +120,12 @@ def evaluate_split(learner, splits, cfg: TrainConfig, preprocess, split: str = "
 
 
 def train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optional[int] = None) -> Tuple[Dict[str, Any], Any, Any]:
+    """:func:`_train_run` holding the lock of ``cfg.output_dir`` (a second run into it refuses, naming this one)."""
+    with lock_run_dir(cfg.output_dir):
+        return _train_run(cfg, resume, stop_after_epoch)
+
+
+def _train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optional[int] = None) -> Tuple[Dict[str, Any], Any, Any]:
     """Train ``cfg.method`` on ``cfg.dataset`` (few-shot, ``cfg.subsample`` classes) and test on its test split.
 
     Returns (results dict, the trained learner, the preprocess transform). Raises before writing anything when
@@ -127,6 +144,7 @@ def train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optional
         cfg = dataclasses.replace(cfg, device=str(device))
     seed_everything(cfg.seed)  # Dassl seeds before building the dataset (few-shot sampling uses it)
     splits = load_splits(cfg.dataset, cfg.root, cfg.shots, cfg.seed, cfg.subsample)
+    precheck_data(splits)  # unreadable train/test image headers fail here, before any training
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained, device, cfg.precision)
     from fastprompt.learners import create_learner
 
@@ -153,7 +171,16 @@ def train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optional
 
 def eval_run(run_dir: str, datasets: Sequence[str], root: str, subsample: str = "all", output_dir: Optional[str] = None,
              device: str = "auto", precision: Optional[str] = None, batch_size: Optional[int] = None,
-             num_workers: Optional[int] = None, progress: bool = True) -> Dict[str, Any]:
+             num_workers: Optional[int] = None, progress: bool = True, strict_backbone: bool = True) -> Dict[str, Any]:
+    """:func:`_eval_run` holding the lock of the directory it writes into (``output_dir`` or ``run_dir``)."""
+    with lock_run_dir(output_dir or run_dir):
+        return _eval_run(run_dir, datasets, root, subsample, output_dir, device, precision, batch_size, num_workers,
+                         progress, strict_backbone)
+
+
+def _eval_run(run_dir: str, datasets: Sequence[str], root: str, subsample: str = "all", output_dir: Optional[str] = None,
+              device: str = "auto", precision: Optional[str] = None, batch_size: Optional[int] = None,
+              num_workers: Optional[int] = None, progress: bool = True, strict_backbone: bool = True) -> Dict[str, Any]:
     """Evaluate a finished run on one or more datasets (``subsample`` classes of each): base-to-new "new",
     cross-dataset transfer and domain generalisation. Writes ``eval_<subsample>.{json,csv,md}``."""
     cfg = read_run_config(run_dir)
@@ -170,7 +197,7 @@ def eval_run(run_dir: str, datasets: Sequence[str], root: str, subsample: str = 
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained, dev, cfg.precision)
     from fastprompt.learners import from_pretrained
 
-    learner = from_pretrained(adapter, clip_model=clip, tokenizer=tokenizer)
+    learner = from_pretrained(adapter, clip_model=clip, tokenizer=tokenizer, strict_backbone=strict_backbone)
     results = []
     for name in datasets:
         splits = load_splits(name, root or cfg.root, cfg.shots, cfg.seed, subsample)
@@ -220,6 +247,11 @@ def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int]
         raise ValueError("base2new needs at least one --dataset")
     if not seeds:
         raise ValueError("base2new needs at least one seed")
+    with lock_run_dir(cfg.output_dir):
+        return _base2new_run(cfg, datasets, seeds, resume)
+
+
+def _base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int], resume: bool) -> Dict[str, Any]:
     root_out = cfg.output_dir
     protocol = base2new_protocol(cfg.method)
     runs: List[Dict[str, Any]] = []

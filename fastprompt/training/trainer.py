@@ -36,6 +36,7 @@ from fastprompt.training.config import VPT_REFERENCE_BATCH, TrainConfig, resolve
 from fastprompt.training.console import EpochReporter, tensorboard_dir
 from fastprompt.training.data import EpochBatchSampler, collate, epoch_seed
 from fastprompt.training.distributed import average_gradients, broadcast_trainable, dist_info, sharded_compute_loss
+from fastprompt.training.guards import EpochTaggedSampler, PerSampleSeeded, check_finite
 from fastprompt.training.schedule import EpochLRSchedule
 
 __all__ = ["Trainer", "seed_everything", "autocast_dtype", "resolve_device", "LOG_FILE"]
@@ -118,8 +119,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.sampler = EpochBatchSampler(len(self.train_set), cfg.batch_size, cfg.seed, shuffle=True, drop_last=None,
                                          rank=self.dist.rank, world_size=self.dist.world_size)
-        self.loader = torch.utils.data.DataLoader(
-            self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers, collate_fn=collate,
+        self.loader = torch.utils.data.DataLoader(  # augmentation seeded per (seed, epoch, sample): guards.py
+            PerSampleSeeded(self.train_set, cfg.seed), batch_sampler=EpochTaggedSampler(self.sampler),
+            num_workers=cfg.num_workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda",
         )
 
@@ -280,6 +282,8 @@ class Trainer:
         totals = torch.tensor([float(loss_sum), float(correct), float(seen), float(scored)], dtype=torch.float64)
         if self.dist.enabled:
             torch.distributed.all_reduce(totals)
+        check_finite(float(totals[0]), [(n, p) for n, p in learner.named_parameters() if p.requires_grad], epoch,
+                     lrs[0], self.checkpoint_path)
         seconds = time.perf_counter() - t0
         images_total = int(totals[2])
         self._log({
