@@ -129,7 +129,26 @@ def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--class-sharding", action="store_true", help="under torchrun: split the classes' text encoding over the ranks")
     p.add_argument("--no-progress", action="store_true")
+    _add_store_options(p)
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="yacs-style KEY VALUE overrides, e.g. OPTIM.LR 0.002 TRAINER.COOP.N_CTX 4")
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--feature-store", default=None, metavar="DIR",
+                   help="where test-set image features of frozen-image-tower learners are kept and reused "
+                        "(default: $FASTPROMPT_FEATURE_STORE or ~/.cache/fastprompt/features)")
+    p.add_argument("--no-feature-store", action="store_true", help="encode every test image again")
+
+
+def _feature_store(args: argparse.Namespace):
+    """The FeatureStore the flags ask for, or None (--no-feature-store)."""
+    if args.no_feature_store:
+        if args.feature_store is not None:
+            raise CLIError("--feature-store and --no-feature-store contradict each other; give one")
+        return None
+    from fastprompt.training.feature_store import FeatureStore
+
+    return FeatureStore(args.feature_store)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -141,7 +160,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.seed is not None:
         cfg = dataclasses.replace(cfg, seed=args.seed)
     cfg = dataclasses.replace(cfg, dataset=args.dataset)
-    results, _, _ = train_run(cfg, resume=args.resume)
+    results, _, _ = train_run(cfg, resume=args.resume, feature_store=_feature_store(args))
     if "accuracy" in results:
         print(f"{cfg.method} on {cfg.dataset} ({cfg.subsample} classes, seed {cfg.seed}): "
               f"test accuracy {results['accuracy']:.2f}%  -> {cfg.output_dir}")
@@ -157,7 +176,7 @@ def _base2new(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     if args.shots is None and "DATASET.NUM_SHOTS" not in (args.opts or []):
         cfg = dataclasses.replace(cfg, shots=base2new_protocol(cfg.method)["shots"])
-    out = base2new_run(cfg, args.dataset, args.seeds, resume=args.resume)
+    out = base2new_run(cfg, args.dataset, args.seeds, resume=args.resume, feature_store=_feature_store(args))
     if out:
         from fastprompt.training.report import markdown_table
 
@@ -172,7 +191,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     out = eval_run(args.run, args.dataset, args.root, subsample=args.subsample, output_dir=args.output_dir,
                    device=args.device, precision=args.precision, batch_size=args.batch_size,
-                   num_workers=args.num_workers, progress=not args.no_progress)
+                   num_workers=args.num_workers, progress=not args.no_progress, feature_store=_feature_store(args))
     print(markdown_table(out["rows"], ["dataset", "accuracy"]))
     print("wrote " + ", ".join(out["paths"].values()))
     return 0
@@ -281,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--num-workers", type=int, default=None)
     ev.add_argument("--no-progress", action="store_true")
+    _add_store_options(ev)
     ev.set_defaults(func=_eval)
 
     dsets = sub.add_parser("datasets", help="check a datasets root: report what is missing")
