@@ -58,21 +58,30 @@ def test_21k_classes_streamed_text_gives_unchunked_top1_top5():
     assert topk_accuracy(indices, labels) == {"top1": 0.0, "top5": 100.0}
 
 
-def _coop(names, csc=False):
-    import fastprompt
+@pytest.fixture(scope="module")
+def clip_and_tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+
     from tests.conftest import tiny_clip
 
+    return tiny_clip(dtype=torch.float64), SimpleTokenizer()
+
+
+def _coop(clip_and_tokenizer, names, csc=False):
+    import fastprompt
+
+    clip, tokenizer = clip_and_tokenizer
     torch.manual_seed(0)
-    learner = fastprompt.create_learner("coop", tiny_clip(dtype=torch.float64), names, n_ctx=2, csc=csc)
+    learner = fastprompt.create_learner("coop", clip, names, tokenizer=tokenizer, n_ctx=2, csc=csc)
     learner.backend = "torch"
     return learner.eval()
 
 
-def test_learner_chunks_match_the_full_class_list():
+def test_learner_chunks_match_the_full_class_list(clip_and_tokenizer):
     from fastprompt.data import load_classnames
 
     names = load_classnames("imagenet")[:24]
-    learner = _coop(names)
+    learner = _coop(clip_and_tokenizer, names)
     feats = torch.randn(7, learner.clip.visual.output_dim, dtype=torch.float64)
     with torch.no_grad():
         full = learner.logits_from_image_features(feats)
@@ -83,9 +92,10 @@ def test_learner_chunks_match_the_full_class_list():
     assert learner.classnames == list(names)  # the learner's class list is restored
 
 
-def test_unchunkable_learners_say_why():
+def test_unchunkable_learners_say_why(clip_and_tokenizer):
     names = ["cat", "dog", "car"]
-    assert "csc" in chunk_unsupported_reason(_coop(names, csc=True))
+    csc = _coop(clip_and_tokenizer, names, csc=True)
+    assert "csc" in chunk_unsupported_reason(csc)
     with pytest.raises(TypeError, match="chunked evaluation"):
-        learner_chunked_topk(_coop(names, csc=True), torch.zeros(1, 48, dtype=torch.float64), names)
-    assert chunk_unsupported_reason(_coop(names)) is None
+        learner_chunked_topk(csc, torch.zeros(1, 48, dtype=torch.float64), names)
+    assert chunk_unsupported_reason(_coop(clip_and_tokenizer, names)) is None
