@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import struct
+import time
 import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -317,9 +318,11 @@ class FeatureStore:
         os.replace(tmp, os.path.join(d, MANIFEST))
         keep = {s["file"] for s in shards} | {MANIFEST}
         for other in os.listdir(d):
-            if other not in keep and not other.endswith(".tmp"):
-                with contextlib.suppress(OSError):
-                    os.remove(os.path.join(d, other))
+            path = os.path.join(d, other)
+            # another writer's temporary files are left alone unless a crash abandoned them a day ago
+            with contextlib.suppress(OSError):
+                if other not in keep and (not other.endswith(".tmp") or time.time() - os.path.getmtime(path) > 86400):
+                    os.remove(path)
         return d
 
     def get_or_compute(self, key: Dict[str, Any], compute) -> "StoredFeatures":

@@ -240,3 +240,39 @@ def test_cli_flags(env, tmp_path):
     assert _feature_store(p.parse_args(["train", "--dataset", "x"])).root == os.environ["FASTPROMPT_FEATURE_STORE"]
     with pytest.raises(CLIError):
         _feature_store(p.parse_args(["base2new", "--dataset", "x", "--no-feature-store", "--feature-store", "d"]))
+
+
+def test_base2new_cli_same_results_with_and_without_store(tmp_path):
+    from fastprompt.cli import main
+    from fastprompt.datasets import make_synthetic_dataset
+    from tests.training.test_cli_train import TINY
+
+    model = tmp_path / "fp-fs-tiny.json"
+    model.write_text(json.dumps(TINY))
+    # one backbone for every seed: with --pretrained none each seed would draw its own random CLIP (and the store
+    # would rightly miss: another image tower)
+    import open_clip
+
+    open_clip.add_model_config(str(model))
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    torch.save(open_clip.create_model("fp-fs-tiny").state_dict(), weights)
+    root = tmp_path / "data"
+    make_synthetic_dataset(str(root), "caltech101", num_classes=4, images_per_class=5)
+    common = ["base2new", "--method", "coop", "--dataset", "caltech101", "--seeds", "1", "2", "--epochs", "1",
+              "--batch-size", "2", "--shots", "1", "--model", str(model), "--pretrained", str(weights), "--root", str(root),
+              "--device", "cpu", "--num-workers", "0", "--no-progress"]
+    opts = ["--opts", "TRAINER.COOP.N_CTX", "2"]  # REMAINDER: last
+    store = tmp_path / "store"
+    assert main(common + ["--output-dir", str(tmp_path / "with"), "--feature-store", str(store)] + opts) == 0
+    assert main(common + ["--output-dir", str(tmp_path / "without"), "--no-feature-store"] + opts) == 0
+    runs = {}
+    for name in ("with", "without"):
+        runs[name] = json.loads((tmp_path / name / "base2new.json").read_text())["rows"]
+    assert runs["with"] == runs["without"]
+    used = {(seed, part): json.loads((tmp_path / "with" / "caltech101" / f"seed{seed}" / f"results_{part}.json")
+                                     .read_text())["feature_store"] for seed in (1, 2) for part in ("base", "new")}
+    assert used == {(1, "base"): "written", (1, "new"): "written", (2, "base"): "hit", (2, "new"): "hit"}
+    assert len(os.listdir(store)) == 2  # one entry per test set
+    off = json.loads((tmp_path / "without" / "caltech101" / "seed1" / "results_new.json").read_text())
+    assert off["feature_store"] == "off"
