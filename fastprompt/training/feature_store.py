@@ -256,7 +256,8 @@ class FeatureStore:
             if not os.path.isfile(file):
                 raise InvalidEntry(f"missing shard {shard.get('file')}")
             if os.path.getsize(file) != shard.get("bytes"):
-                raise InvalidEntry(f"shard {shard['file']} has {os.path.getsize(file)} bytes, manifest says {shard.get('bytes')}")
+                raise InvalidEntry(f"shard {shard['file']} has {os.path.getsize(file)} bytes, "
+                                   f"manifest says {shard.get('bytes')}")
             if self.verify == "hash" and _file_sha256(file) != shard.get("sha256"):
                 raise InvalidEntry(f"shard {shard['file']} does not match its SHA-256")
             try:
@@ -264,7 +265,8 @@ class FeatureStore:
             except (OSError, ValueError, KeyError, struct.error, RuntimeError) as exc:
                 raise InvalidEntry(f"unreadable shard {shard['file']}: {exc}")
             if t.dim() != 2 or t.shape[0] != shard.get("rows") or str(t.dtype) != manifest.get("dtype"):
-                raise InvalidEntry(f"shard {shard['file']} holds {tuple(t.shape)} {t.dtype}, not what the manifest says")
+                raise InvalidEntry(f"shard {shard['file']} holds {tuple(t.shape)} {t.dtype}, "
+                                   "not what the manifest says")
             parts.append(t)
         if not parts or sum(p.shape[0] for p in parts) != key["num_images"]:
             raise InvalidEntry("the shards do not hold one row per image")

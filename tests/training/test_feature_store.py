@@ -58,7 +58,8 @@ def test_logits_bit_equal_with_and_without_store(method, env, tmp_path):
         return
     plain = evaluate(learner, data, BATCH, "cpu")
     fast = evaluate(learner, data, BATCH, "cpu", image_features=read)
-    assert {k: plain[k] for k in ("correct", "total", "accuracy")} == {k: fast[k] for k in ("correct", "total", "accuracy")}
+    same = ("correct", "total", "accuracy")
+    assert {k: plain[k] for k in same} == {k: fast[k] for k in same}
 
 
 @pytest.mark.parametrize("method", PROMPTED)
@@ -260,8 +261,8 @@ def test_base2new_cli_same_results_with_and_without_store(tmp_path):
     root = tmp_path / "data"
     make_synthetic_dataset(str(root), "caltech101", num_classes=4, images_per_class=5)
     common = ["base2new", "--method", "coop", "--dataset", "caltech101", "--seeds", "1", "2", "--epochs", "1",
-              "--batch-size", "2", "--shots", "1", "--model", str(model), "--pretrained", str(weights), "--root", str(root),
-              "--device", "cpu", "--num-workers", "0", "--no-progress"]
+              "--batch-size", "2", "--shots", "1", "--model", str(model), "--pretrained", str(weights),
+              "--root", str(root), "--device", "cpu", "--num-workers", "0", "--no-progress"]
     opts = ["--opts", "TRAINER.COOP.N_CTX", "2"]  # REMAINDER: last
     store = tmp_path / "store"
     assert main(common + ["--output-dir", str(tmp_path / "with"), "--feature-store", str(store)] + opts) == 0
