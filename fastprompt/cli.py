@@ -154,7 +154,26 @@ def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
     p.add_argument("--class-sharding", action="store_true", help="under torchrun: split the classes' text encoding over the ranks")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--tensorboard", default=None, metavar="DIR", help="TensorBoard scalars per epoch (pip install tensorboard)")
+    _add_store_options(p)
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="yacs-style KEY VALUE overrides, e.g. OPTIM.LR 0.002 TRAINER.COOP.N_CTX 4")
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--feature-store", default=None, metavar="DIR",
+                   help="where test-set image features of frozen-image-tower learners are kept and reused "
+                        "(default: $FASTPROMPT_FEATURE_STORE or ~/.cache/fastprompt/features)")
+    p.add_argument("--no-feature-store", action="store_true", help="encode every test image again")
+
+
+def _feature_store(args: argparse.Namespace):
+    """The FeatureStore the flags ask for, or None (--no-feature-store)."""
+    if args.no_feature_store:
+        if args.feature_store is not None:
+            raise CLIError("--feature-store and --no-feature-store contradict each other; give one")
+        return None
+    from fastprompt.training.feature_store import FeatureStore
+
+    return FeatureStore(args.feature_store)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -171,8 +190,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.seeds or (shots_list and len(shots_list) > 1):  # a sweep (fastprompt/training/sweep.py)
         from fastprompt.cli_ecosystem import run_sweep
 
-        return run_sweep(cfg, args.seeds or [cfg.seed], shots_list or [cfg.shots], args.resume)
-    results, _, _ = train_run(cfg, resume=args.resume)
+        return run_sweep(cfg, args.seeds or [cfg.seed], shots_list or [cfg.shots], args.resume,
+                         feature_store=_feature_store(args))
+    results, _, _ = train_run(cfg, resume=args.resume, feature_store=_feature_store(args))
     if "accuracy" in results:
         print(f"{cfg.method} on {cfg.dataset} ({cfg.subsample} classes, seed {cfg.seed}): "
               f"test accuracy {results['accuracy']:.2f}%  -> {cfg.output_dir}")
@@ -188,7 +208,7 @@ def _base2new(args: argparse.Namespace) -> int:
     cfg = _train_config(args)
     if args.shots is None and "DATASET.NUM_SHOTS" not in (args.opts or []):
         cfg = dataclasses.replace(cfg, shots=base2new_protocol(cfg.method)["shots"])
-    out = base2new_run(cfg, args.dataset, args.seeds, resume=args.resume)
+    out = base2new_run(cfg, args.dataset, args.seeds, resume=args.resume, feature_store=_feature_store(args))
     if out:
         from fastprompt.training.report import markdown_table
 
@@ -204,7 +224,7 @@ def _eval(args: argparse.Namespace) -> int:
     out = eval_run(args.run, args.dataset, args.root, subsample=args.subsample, output_dir=args.output_dir,
                    device=args.device, precision=args.precision, batch_size=args.batch_size,
                    num_workers=args.num_workers, progress=not args.no_progress,
-                   strict_backbone=not args.allow_backbone_mismatch)
+                   strict_backbone=not args.allow_backbone_mismatch, feature_store=_feature_store(args))
     print(markdown_table(out["rows"], ["dataset", "accuracy"]))
     print("wrote " + ", ".join(out["paths"].values()))
     return 0
@@ -321,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--allow-backbone-mismatch", action="store_true",
                     help="load the run's adapter even if this CLIP's text tower differs from the one it was trained on")
+    _add_store_options(ev)
     ev.set_defaults(func=_eval)
 
     dsets = sub.add_parser("datasets", help="check a datasets root: report what is missing and every unreadable image")

@@ -55,11 +55,12 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_sweep(cfg, seeds, shots, resume: bool) -> int:
-    """``fastprompt train --seeds ... --shots ...``: every run, then the summary table."""
+def run_sweep(cfg, seeds, shots, resume: bool, feature_store=None) -> int:
+    """``fastprompt train --seeds ... --shots ...``: every run, then the summary table. ``feature_store`` is shared
+    by every run's final test (the same test images each time)."""
     from fastprompt.training.sweep import sweep_run
 
-    out = sweep_run(cfg, seeds, shots, resume=resume)
+    out = sweep_run(cfg, seeds, shots, resume=resume, feature_store=feature_store)
     _print_summary(out)
     return 0
 

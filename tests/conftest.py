@@ -85,3 +85,15 @@ def tiny_model(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _feature_store_dir(tmp_path_factory):
+    """CLI runs in tests keep their image-feature store in a temporary directory, not ~/.cache."""
+    old = os.environ.get("FASTPROMPT_FEATURE_STORE")
+    os.environ["FASTPROMPT_FEATURE_STORE"] = str(tmp_path_factory.mktemp("feature-store"))
+    yield
+    if old is None:
+        os.environ.pop("FASTPROMPT_FEATURE_STORE", None)
+    else:
+        os.environ["FASTPROMPT_FEATURE_STORE"] = old

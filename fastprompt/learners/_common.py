@@ -34,6 +34,10 @@ class PromptLearner(InteropMixin, nn.Module):
 
     method: str = ""
     config_class: type = None
+    # True when the logits depend on the images only through ``encode_images`` (the frozen, unprompted CLIP image
+    # encoder) and the learner has ``logits_from_image_features(v)``: evaluation may then read v from the feature
+    # store (fastprompt/training/feature_store.py) instead of encoding the images again.
+    image_features_frozen: bool = False
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config, tokenizer=None):
         super().__init__()

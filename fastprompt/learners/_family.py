@@ -142,7 +142,13 @@ def normalized_class_text(self) -> torch.Tensor:
 
 def cosine_forward(self, images: torch.Tensor) -> torch.Tensor:
     """``forward``: images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(image_features, encode_text())."""
-    image_features = F.normalize(self.image_features(images), dim=-1)
+    return cosine_logits_from_image_features(self, self.image_features(images))
+
+
+def cosine_logits_from_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+    """``logits_from_image_features``: [B, E] as ``image_features(images)`` returns them -> logits [B, C], the
+    rest of :func:`cosine_forward` (the feature store's entry point for frozen image towers)."""
+    image_features = F.normalize(image_features, dim=-1)
     text_features = self.encode_text()
     return self.logit_scale * image_features.to(text_features.dtype) @ text_features.t()
 

@@ -296,8 +296,16 @@ class CaPT(PromptLearner):
     # ------------------------------------------------------------------ learner interface
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> logits [B, C] (the base's prediction with class-conditioned prompts)."""
-        v = self.image_features(images)
+        return self.logits_from_image_features(self.image_features(images))
+
+    def logits_from_image_features(self, v: torch.Tensor) -> torch.Tensor:
+        """[B, E] as ``image_features(images)`` returns them -> logits [B, C] (the rest of ``forward``)."""
         return self.logits_from_features(v, self.cached_text_features(self.class_text_features))
+
+    @property
+    def image_features_frozen(self) -> bool:
+        """The base's: True when its image tower is the frozen, unprompted CLIP encoder (feature store)."""
+        return bool(getattr(self.base, "image_features_frozen", False))
 
     def compute_loss(self, images: torch.Tensor, labels: torch.Tensor):
         """images [B, 3, H, W], labels [B] -> (loss [], logits [B, C])."""

@@ -40,6 +40,7 @@ class CoCoOp(PromptLearner):
     method = "cocoop"
     config_class = CoCoOpConfig
     image_conditional = True  # plug-in protocol (fastprompt/learners/_family.py): text features are [B, C, E]
+    image_features_frozen = True  # logits see images only through encode_images (feature store)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
         config = config_from(CoCoOpConfig, config, kwargs)
@@ -95,7 +96,12 @@ class CoCoOp(PromptLearner):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> logits [B, C]."""
-        image_features = F.normalize(self.encode_images(images), dim=-1)
+        return self.logits_from_image_features(self.encode_images(images))
+
+    def logits_from_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[B, E] frozen image features as ``encode_images`` returns them -> logits [B, C] (the meta-net reads
+        their normalised form, as in ``forward``; the feature store's entry point)."""
+        image_features = F.normalize(image_features, dim=-1)
         text_features = self.text_features(image_features)
         return self.logit_scale * torch.einsum("be,bce->bc", image_features.to(text_features.dtype), text_features)
 

@@ -35,6 +35,7 @@ class CoOp(PromptLearner):
     method = "coop"
     config_class = CoOpConfig
     image_conditional = False  # plug-in protocol (fastprompt/learners/_family.py)
+    image_features_frozen = True  # logits see images only through encode_images (feature store)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
         config = config_from(CoOpConfig, config, kwargs)
@@ -125,7 +126,12 @@ class CoOp(PromptLearner):
     # ------------------------------------------------------------------ forward
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(image, class text)."""
-        image_features = F.normalize(self.encode_images(images), dim=-1)
+        return self.logits_from_image_features(self.encode_images(images))
+
+    def logits_from_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[B, E] frozen image features as ``encode_images`` returns them -> logits [B, C] (what ``forward``
+        computes from them; the feature store's entry point)."""
+        image_features = F.normalize(image_features, dim=-1)
         text_features = self.encode_text()
         return self.logit_scale * image_features.to(text_features.dtype) @ text_features.t()
 

@@ -196,8 +196,16 @@ class DePT(PromptLearner):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> logits [B, C] (fused on the head's classes, ITM only on others)."""
-        v = self.image_features(images)
+        return self.logits_from_image_features(self.image_features(images))
+
+    def logits_from_image_features(self, v: torch.Tensor) -> torch.Tensor:
+        """[B, E] as ``image_features(images)`` returns them -> logits [B, C] (the rest of ``forward``)."""
         return self.logits_from_features(v, self.text_features(v))
+
+    @property
+    def image_features_frozen(self) -> bool:
+        """The base's: True when its image tower is the frozen, unprompted CLIP encoder (feature store)."""
+        return bool(getattr(self.base, "image_features_frozen", False))
 
     def compute_loss(self, images: torch.Tensor, labels: torch.Tensor):
         """images [B, 3, H, W], labels [B] -> (DePT loss [], fused logits [B, C])."""

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from fastprompt.learners._common import PromptLearner, config_from
 from fastprompt.learners._family import forwarding_backend
 from fastprompt.learners._hard_negatives import FALLBACK_RANGES, ImageLibrary, default_train_transform, mine_hard_negatives
-from fastprompt.learners._dpc_hooks import PromptKDHooks, make_hooks
+from fastprompt.learners._dpc_hooks import PromptKDHooks, _CoOpHooks, make_hooks
 from fastprompt.learners.promptkd import PromptKD
 from fastprompt.learners.registry import create_learner, register_learner
 
@@ -278,8 +278,24 @@ class DPC(PromptLearner):
         """images [B, 3, H, W] -> logits [B, C] with the current split's prompt."""
         if hasattr(self.hooks, "logits"):  # PromptKD: split-specific heads (the released evaluation)
             return self.hooks.logits(self, images, self.split)
+        if self.image_features_frozen:
+            return self.logits_from_image_features(self.backbone.encode_images(images))
         prompts = self.inference_prompts()
         image_features = self.hooks.image_features(images, prompts)
+        text = self.cached_text_features(lambda: self.text_features(prompts))
+        return self.logit_scale * image_features.to(text.dtype) @ text.t()
+
+    @property
+    def image_features_frozen(self) -> bool:
+        """True over CoOp: the image side is the backbone's frozen, unprompted encoder (feature store)."""
+        return isinstance(self.hooks, _CoOpHooks)
+
+    def logits_from_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[B, E] as ``encode_images`` returns them -> logits [B, C] (over CoOp only: ``forward``'s rest)."""
+        if not self.image_features_frozen:
+            raise TypeError(f"DPC over {self.config.backbone} prompts its image side; it needs the images")
+        prompts = self.inference_prompts()
+        image_features = F.normalize(image_features, dim=-1)  # what _CoOpHooks.image_features returns
         text = self.cached_text_features(lambda: self.text_features(prompts))
         return self.logit_scale * image_features.to(text.dtype) @ text.t()
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from fastprompt.learners._common import PromptLearner, config_from, context_init
 from fastprompt.learners._family import (
-    cosine_forward, features_compute_loss, frozen_image_features, itm_logits_from_features, normalized_class_text,
+    cosine_forward, cosine_logits_from_image_features, features_compute_loss, frozen_image_features,
+    itm_logits_from_features, normalized_class_text,
     rebuild_unified_prompts, unified_class_text_features,
 )
 from fastprompt.learners.registry import register_learner
@@ -51,6 +52,7 @@ class KgCoOp(PromptLearner):
 
     config_class = KgCoOpConfig
     image_conditional = False
+    image_features_frozen = True  # logits see images only through encode_images (feature store)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
         config = config_from(KgCoOpConfig, config, kwargs)
@@ -92,4 +94,5 @@ class KgCoOp(PromptLearner):
     # ------------------------------------------------------------------ learner interface
     encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
     forward = cosine_forward  # images [B, 3, H, W] -> logits [B, C] = logit_scale * cos
+    logits_from_image_features = cosine_logits_from_image_features  # [B, E] frozen features -> [B, C]
     compute_loss = features_compute_loss  # -> (loss_from_features(...), logits [B, C])

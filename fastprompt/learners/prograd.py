@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from fastprompt.learners._common import PromptLearner, config_from, context_init
 from fastprompt.learners._family import (
-    cosine_forward, features_compute_loss, frozen_image_features, itm_logits_from_features, normalized_class_text,
+    cosine_forward, cosine_logits_from_image_features, features_compute_loss, frozen_image_features,
+    itm_logits_from_features, normalized_class_text,
     rebuild_unified_prompts, unified_class_text_features,
 )
 from fastprompt.learners.registry import register_learner
@@ -74,6 +75,7 @@ class ProGrad(PromptLearner):
 
     config_class = ProGradConfig
     image_conditional = False
+    image_features_frozen = True  # logits see images only through encode_images (feature store)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
         config = config_from(ProGradConfig, config, kwargs)
@@ -137,4 +139,5 @@ class ProGrad(PromptLearner):
     # ------------------------------------------------------------------ learner interface
     encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
     forward = cosine_forward  # images [B, 3, H, W] -> logits [B, C] = logit_scale * cos
+    logits_from_image_features = cosine_logits_from_image_features  # [B, E] frozen features -> [B, C]
     compute_loss = features_compute_loss  # -> (loss_from_features(...), logits [B, C])

@@ -68,6 +68,7 @@ class SoftCPT(PromptLearner):
 
     method = "softcpt"
     config_class = SoftCPTConfig
+    image_features_frozen = True  # logits see images only through encode_images (feature store)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[Sequence[str]], config=None, tokenizer=None, **kwargs):
         config = config_from(SoftCPTConfig, config, kwargs)
@@ -249,7 +250,12 @@ class SoftCPT(PromptLearner):
 
     def forward(self, images: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """images [B, 3, H, W] (+ task ids [B]) -> logits [B, sum C]."""
-        image_features = F.normalize(self.encode_images(images), dim=-1)
+        return self.logits_from_image_features(self.encode_images(images), task_ids)
+
+    def logits_from_image_features(self, image_features: torch.Tensor,
+                                   task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[B, E] as ``encode_images`` returns them (+ task ids [B]) -> logits [B, sum C] (``forward``'s rest)."""
+        image_features = F.normalize(image_features, dim=-1)
         text = self.encode_text()
         logits = self.logit_scale * image_features.to(text.dtype) @ text.t()
         if task_ids is not None:

@@ -19,8 +19,13 @@ __all__ = ["evaluate", "harmonic_mean", "summarize_base2new", "summarize_cross_d
 
 @torch.no_grad()
 def evaluate(learner, dataset, batch_size: int = 100, device: str | torch.device = "cpu", precision: str = "fp32",
-             num_workers: int = 0, progress: bool = False, desc: str = "eval") -> Dict[str, Any]:
+             num_workers: int = 0, progress: bool = False, desc: str = "eval", image_features=None) -> Dict[str, Any]:
     """Top-1 accuracy of ``learner`` on ``dataset`` (map-style, ``(image, label)`` items), in percent.
+
+    ``image_features``: the dataset's stored frozen image features (a ``StoredFeatures`` or [N, E] tensor, row i
+    = ``learner.encode_images`` of image i, computed in these same batches) for a learner that declares
+    ``image_features_frozen``: the images are then not read, and each batch's logits are
+    ``learner.logits_from_image_features(rows)``, bit-equal to ``learner(images)``.
 
     Returns:
         {"accuracy": top-1 %, "macro_accuracy": mean of per-class accuracies % (the metric of datasets whose
@@ -31,8 +36,11 @@ def evaluate(learner, dataset, batch_size: int = 100, device: str | torch.device
     device = torch.device(device)
     C = len(learner.classnames)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                                         pin_memory=device.type == "cuda")
+    if image_features is not None:
+        loader = _feature_batches(image_features, dataset, sampler)
+    else:
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                             collate_fn=collate, pin_memory=device.type == "cuda")
     learner.eval()
     amp = autocast_dtype(precision)
     hits = torch.zeros(C, dtype=torch.long)
@@ -48,7 +56,10 @@ def evaluate(learner, dataset, batch_size: int = 100, device: str | torch.device
             raise ValueError(f"label {int(labels.max())} outside the learner's {C} classes; did set_classnames run?")
         ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         with ctx:
-            logits = learner(images.to(device, non_blocking=True))
+            if image_features is not None:
+                logits = learner.logits_from_image_features(images.to(device, non_blocking=True))
+            else:
+                logits = learner(images.to(device, non_blocking=True))
         pred = logits.argmax(-1).cpu()
         counts += torch.bincount(labels, minlength=C)
         hits += torch.bincount(labels[pred == labels], minlength=C)
@@ -66,6 +77,17 @@ def evaluate(learner, dataset, batch_size: int = 100, device: str | torch.device
         "correct": correct, "total": total, "num_classes": C,
         "seconds": round(seconds, 4), "img_per_s": round(total / max(seconds, 1e-9), 2),
     }
+
+
+def _feature_batches(features, dataset, sampler):
+    """(feature rows [b, E], labels [b]) in the sampler's sequential batches; labels from ``dataset.items``."""
+    if len(features) != len(dataset):
+        raise ValueError(f"{len(features)} stored image features for a dataset of {len(dataset)} images")
+    labels = torch.as_tensor([int(item.label) for item in dataset.items])
+    rows = features.rows if hasattr(features, "rows") else (lambda a, b: features[a:b])
+    for batch in sampler:
+        a, b = batch[0], batch[-1] + 1  # sequential batches: a contiguous row range
+        yield rows(a, b), labels[a:b]
 
 
 def harmonic_mean(base: float, new: float) -> float:

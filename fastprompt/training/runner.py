@@ -106,27 +106,41 @@ def read_run_config(directory: str) -> TrainConfig:
         raise ValueError(f"{path} is damaged: {exc}") from exc
 
 
-def evaluate_split(learner, splits, cfg: TrainConfig, preprocess, split: str = "test") -> Dict[str, Any]:
-    """Set the learner's classes to ``splits``' and evaluate on one split."""
+def evaluate_split(learner, splits, cfg: TrainConfig, preprocess, split: str = "test",
+                   feature_store=None) -> Dict[str, Any]:
+    """Set the learner's classes to ``splits``' and evaluate on one split. ``feature_store``: a
+    :class:`~fastprompt.training.feature_store.FeatureStore` to read (or write) the split's image features
+    from when the learner declares ``image_features_frozen``; None encodes the images."""
     items = getattr(splits, split)
     if not items:
         raise ValueError(f"dataset {splits.name!r} has an empty {split} split")
     learner.set_classnames(splits.classnames)
     data = DatumDataset(items, test_transform(learner.clip, preprocess))
     device = next(learner.parameters()).device
+    feats, used = None, "off"
+    if feature_store is not None and getattr(learner, "image_features_frozen", False):
+        from fastprompt.training.feature_store import stored_features
+
+        hits = feature_store.hits
+        feats = stored_features(feature_store, learner, data, splits.name, f"{split}:{cfg.subsample}",
+                                cfg.test_batch_size, device, cfg.precision, cfg.num_workers)
+        used = "hit" if feature_store.hits > hits else "written"
     result = evaluate(learner, data, cfg.test_batch_size, device, cfg.precision, cfg.num_workers,
-                      progress=cfg.progress, desc=f"eval {splits.name}/{split}")
-    return dict(result, dataset=splits.name, split=split, subsample=cfg.subsample)
+                      progress=cfg.progress, desc=f"eval {splits.name}/{split}", image_features=feats)
+    return dict(result, dataset=splits.name, split=split, subsample=cfg.subsample, feature_store=used)
 
 
-def train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optional[int] = None) -> Tuple[Dict[str, Any], Any, Any]:
+def train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optional[int] = None,
+              feature_store=None) -> Tuple[Dict[str, Any], Any, Any]:
     """:func:`_train_run` holding the lock of ``cfg.output_dir`` (a second run into it refuses, naming this one)."""
     with lock_run_dir(cfg.output_dir):
-        return _train_run(cfg, resume, stop_after_epoch)
+        return _train_run(cfg, resume, stop_after_epoch, feature_store)
 
 
-def _train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optional[int] = None) -> Tuple[Dict[str, Any], Any, Any]:
-    """Train ``cfg.method`` on ``cfg.dataset`` (few-shot, ``cfg.subsample`` classes) and test on its test split.
+def _train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optional[int] = None,
+               feature_store=None) -> Tuple[Dict[str, Any], Any, Any]:
+    """Train ``cfg.method`` on ``cfg.dataset`` (few-shot, ``cfg.subsample`` classes) and test on its test split
+    (its image features through ``feature_store`` when given, see :func:`evaluate_split`).
 
     Returns (results dict, the trained learner, the preprocess transform). Raises before writing anything when
     the output directory holds a checkpoint and ``resume`` is False.
@@ -160,7 +174,7 @@ def _train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optiona
                                "finished": finished}
     if finished and info.is_main:
         learner.save_pretrained(os.path.join(cfg.output_dir, ADAPTER_DIR))
-        results["test"] = evaluate_split(learner, splits, cfg, preprocess, "test")
+        results["test"] = evaluate_split(learner, splits, cfg, preprocess, "test", feature_store)
         results["accuracy"] = results["test"]["accuracy"]
         _write_run_config(cfg.output_dir, cfg)
         write_json(os.path.join(cfg.output_dir, RESULTS), results)
@@ -171,18 +185,21 @@ def _train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optiona
 
 def eval_run(run_dir: str, datasets: Sequence[str], root: str, subsample: str = "all", output_dir: Optional[str] = None,
              device: str = "auto", precision: Optional[str] = None, batch_size: Optional[int] = None,
-             num_workers: Optional[int] = None, progress: bool = True, strict_backbone: bool = True) -> Dict[str, Any]:
+             num_workers: Optional[int] = None, progress: bool = True, strict_backbone: bool = True,
+             feature_store=None) -> Dict[str, Any]:
     """:func:`_eval_run` holding the lock of the directory it writes into (``output_dir`` or ``run_dir``)."""
     with lock_run_dir(output_dir or run_dir):
         return _eval_run(run_dir, datasets, root, subsample, output_dir, device, precision, batch_size, num_workers,
-                         progress, strict_backbone)
+                         progress, strict_backbone, feature_store)
 
 
 def _eval_run(run_dir: str, datasets: Sequence[str], root: str, subsample: str = "all", output_dir: Optional[str] = None,
               device: str = "auto", precision: Optional[str] = None, batch_size: Optional[int] = None,
-              num_workers: Optional[int] = None, progress: bool = True, strict_backbone: bool = True) -> Dict[str, Any]:
+              num_workers: Optional[int] = None, progress: bool = True, strict_backbone: bool = True,
+              feature_store=None) -> Dict[str, Any]:
     """Evaluate a finished run on one or more datasets (``subsample`` classes of each): base-to-new "new",
-    cross-dataset transfer and domain generalisation. Writes ``eval_<subsample>.{json,csv,md}``."""
+    cross-dataset transfer and domain generalisation. Writes ``eval_<subsample>.{json,csv,md}``.
+    ``feature_store``: see :func:`evaluate_split`."""
     cfg = read_run_config(run_dir)
     overrides = {"subsample": subsample, "device": device, "progress": progress}
     if precision is not None:
@@ -201,7 +218,7 @@ def _eval_run(run_dir: str, datasets: Sequence[str], root: str, subsample: str =
     results = []
     for name in datasets:
         splits = load_splits(name, root or cfg.root, cfg.shots, cfg.seed, subsample)
-        results.append(evaluate_split(learner, splits, cfg, preprocess, "test"))
+        results.append(evaluate_split(learner, splits, cfg, preprocess, "test", feature_store))
     rows = summarize_cross_dataset(results, source=cfg.dataset if len(datasets) > 1 else None)
     out = output_dir or run_dir
     paths = write_report(out, f"eval_{subsample}", rows, ["dataset", "accuracy"],
@@ -238,11 +255,13 @@ def _finished_base2new_run(run_cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     return {"dataset": run_cfg.dataset, "seed": int(run_cfg.seed), "base": base_acc, "new": new_acc, "reused": True}
 
 
-def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int], resume: bool = False) -> Dict[str, Any]:
+def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int], resume: bool = False,
+                 feature_store=None) -> Dict[str, Any]:
     """The base-to-new protocol: per dataset and seed, train on the base classes (16 shots by default; PromptKD:
     the unlabelled images of all classes, :func:`~fastprompt.training.config.base2new_protocol`), test on base,
     then rebuild the class-dependent parts for the new classes and test on new. Summary (per dataset and the
-    average, H = HM of averaged B and N) in ``base2new.{json,csv,md,png}`` under ``cfg.output_dir``."""
+    average, H = HM of averaged B and N) in ``base2new.{json,csv,md,png}`` under ``cfg.output_dir``.
+    ``feature_store``: shared by every seed's base and new tests (see :func:`evaluate_split`)."""
     if not datasets:
         raise ValueError("base2new needs at least one --dataset")
     if not seeds:
@@ -270,7 +289,7 @@ def _base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int
                 if reused is not None:
                     runs.append(reused)
                     continue
-            result, learner, preprocess = train_run(run_cfg, resume=resume)
+            result, learner, preprocess = train_run(run_cfg, resume=resume, feature_store=feature_store)
             if not dist_info().is_main:
                 continue
             accuracy = {}
@@ -280,7 +299,7 @@ def _base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int
                 else:
                     part_cfg = dataclasses.replace(resolve_defaults(run_cfg), subsample=part)
                     splits = load_splits(name, run_cfg.root, run_cfg.shots, run_cfg.seed, part)
-                    tested = evaluate_split(learner, splits, part_cfg, preprocess, "test")
+                    tested = evaluate_split(learner, splits, part_cfg, preprocess, "test", feature_store)
                 write_json(os.path.join(run_cfg.output_dir, f"results_{part}.json"), tested)
                 accuracy[part] = tested["accuracy"]
             runs.append({"dataset": name, "seed": int(seed), "base": accuracy["base"], "new": accuracy["new"]})

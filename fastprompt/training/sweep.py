@@ -44,7 +44,8 @@ def _finished(run_cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     return results
 
 
-def sweep_run(cfg: TrainConfig, seeds: Sequence[int], shots: Sequence[int], resume: bool = False) -> Dict[str, Any]:
+def sweep_run(cfg: TrainConfig, seeds: Sequence[int], shots: Sequence[int], resume: bool = False,
+              feature_store=None) -> Dict[str, Any]:
     """Train ``cfg`` for every (shots, seed) into ``cfg.output_dir/shots_<k>/seed<s>``; finished runs with the
     same settings are reused. Returns the summary (rows, per-run records, written paths)."""
     from fastprompt.training.runner import train_run
@@ -62,7 +63,7 @@ def sweep_run(cfg: TrainConfig, seeds: Sequence[int], shots: Sequence[int], resu
             continue
         print(head + eta.text(len(plan) - i + 1), flush=True)
         t0 = time.perf_counter()
-        train_run(run_cfg, resume=resume)
+        train_run(run_cfg, resume=resume, feature_store=feature_store)
         eta.add(time.perf_counter() - t0)
     return summarize([root], output_dir=root)
 
