@@ -14,8 +14,11 @@ from fastprompt.learners import (
     CoCoOpConfig,
     CoOp,
     CoOpConfig,
+    LearnerConfig,
+    PromptLearner,
     create_learner,
     from_pretrained,
+    get_learner_class,
     list_learners,
     register_learner,
 )
@@ -23,6 +26,7 @@ from fastprompt.data import load_classnames, list_classname_sets
 
 __all__ = [
     "__version__", "load_clip", "TextTower", "ClassPlan", "build_class_plan", "PromptedTextEncoder",
-    "create_learner", "from_pretrained", "list_learners", "register_learner", "env_report",
+    "create_learner", "from_pretrained", "list_learners", "register_learner", "get_learner_class", "env_report",
+    "PromptLearner", "LearnerConfig",
     "CoOp", "CoOpConfig", "CoCoOp", "CoCoOpConfig", "load_classnames", "list_classname_sets",
 ]

@@ -21,14 +21,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from fastprompt.bench import _rel, _sync, markdown_table
+from fastprompt.learners import create_learner, get_learner_class, list_learners
 
 __all__ = ["STEP_METHODS", "StepResult", "TrainStep", "step_learner", "run_step_case", "format_step_table",
            "step_results_json"]
 
-# CLIP learners whose step needs nothing beyond class names (DPC gets an in-memory hard-negative library,
-# DAPT random prototypes, SoftCPT consecutive classes read as tasks).
-STEP_METHODS = ("coop", "cocoop", "kgcoop", "prograd", "dept", "capt", "decapt", "maple", "ivlp", "promptsrc",
-                "dapt", "dpc", "softcpt", "vpt", "vapt")
+# The learners with a training-step setup (``bench_setup`` on the learner class; DPC gets an in-memory
+# hard-negative library, DAPT random prototypes, SoftCPT consecutive classes read as tasks: ``bench_prepare``).
+STEP_METHODS = tuple(m for m in list_learners() if get_learner_class(m).bench_setup is not None)
 
 
 @dataclass
@@ -58,33 +58,12 @@ def step_learner(method: str, model, tokenizer, classnames: Sequence[str], devic
     ``perturb`` adds N(0, perturb^2) to every trainable tensor (seeded), so zero-initialised ones (VAPT's
     projector, MaPLe's deep prompts in some configs) carry gradient and the comparison covers them.
     """
-    import fastprompt
-
     if method not in STEP_METHODS:
         raise ValueError(f"no training-step setup for {method!r}; choose from {', '.join(STEP_METHODS)}")
-    names = list(classnames)
-    kwargs: Dict[str, object] = {}
-    classes: object = names
-    if method in ("kgcoop", "capt", "decapt", "prograd"):
-        kwargs["dataset"] = dataset  # their hand-crafted templates
-    if method == "softcpt":
-        if tasks < 1 or len(names) < tasks:
-            raise ValueError(f"softcpt needs at least one class per task ({len(names)} classes, {tasks} tasks)")
-        per = len(names) // tasks
-        classes = [names[t * per: (t + 1) * per] for t in range(tasks)]
-        kwargs["tasknames"] = [f"task {t}" for t in range(tasks)]
-    if method == "dpc":
-        kwargs["top_k"] = min(8, len(names) - 1)  # the official K, bounded by the class count
+    classes, kwargs = get_learner_class(method).bench_setup(list(classnames), dataset=dataset, tasks=tasks)
     torch.manual_seed(0)
-    learner = fastprompt.create_learner(method, model, classes, tokenizer=tokenizer, **kwargs).to(device)
-    gen = torch.Generator().manual_seed(3)
-    if method == "dpc":  # two in-memory images per class, drawn on the CPU as a loader would deliver them
-        px = _image_size(model)
-        learner.set_library({c: torch.randn(2, 3, px, px, generator=gen) for c in range(len(names))})
-    if method == "dapt":
-        E = int(model.visual.output_dim)
-        protos = torch.nn.functional.normalize(torch.randn(len(names), E, generator=gen), dim=-1)
-        learner.set_prototypes(protos.to(device))
+    learner = create_learner(method, model, classes, tokenizer=tokenizer, **kwargs).to(device)
+    learner.bench_prepare(torch.Generator().manual_seed(3))
     if perturb:
         with torch.no_grad():
             g = torch.Generator().manual_seed(7)

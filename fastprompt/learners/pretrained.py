@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from fastprompt.backbone import load_clip
 from fastprompt.learners._common import load_pretrained_tensors, read_pretrained
 from fastprompt.learners.registry import get_learner_class
 
@@ -23,8 +24,6 @@ def from_pretrained(directory: str, clip_model=None, classnames: Optional[Sequen
                 f"{directory} does not record which CLIP it was trained on (the model did not come from "
                 "fastprompt.load_clip); pass clip_model="
             )
-        from fastprompt.backbone import load_clip
-
         clip_model, _, tok = load_clip(meta["clip_model"], pretrained=meta.get("clip_pretrained"))
         tokenizer = tokenizer or tok
     config = dict(meta["config"])
