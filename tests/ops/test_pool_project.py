@@ -351,7 +351,7 @@ class TestTriton:
         args = make_inputs(CASES[1], torch.float32, device=TRITON_DEVICE)
         from fastprompt.ops.pool_project import triton as _mod  # noqa: F401  (registers the op)
 
-        torch.library.opcheck(torch.ops.fastprompt.pool_project_triton_forward.default, args)
+        torch.library.opcheck(torch.ops.fastprompt.pool_project_triton_fwd.default, args)
 
     @pytest.mark.parametrize(
         "mutate,pattern",

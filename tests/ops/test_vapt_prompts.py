@@ -185,12 +185,12 @@ def test_opcheck():
     (x, lw, lb, k, tw, tb, w1, w2), _, _ = make_inputs(case, torch.float32)
     cm, hm = dropout_masks(case.B, case.D, case.N, case.Dh, 0.2, 0.2, torch.float32, "cpu")
     args = (x, lw, lb, 1e-5, k, tw, tb, w1, w2, case.H, case.W, cm, hm, 1.0)
-    torch.library.opcheck(torch.ops.fastprompt.vapt_prompts_fwd.default, args)
+    torch.library.opcheck(torch.ops.fastprompt.vapt_prompts_triton_fwd.default, args)
     with torch.no_grad():
-        _out, t, hid, mu, rstd = torch.ops.fastprompt.vapt_prompts_fwd(*args)
+        _out, t, hid, mu, rstd = torch.ops.fastprompt.vapt_prompts_triton_fwd(*args)
     bargs = (torch.randn(case.B, case.N, case.D), x.detach(), lw.detach(), lb.detach(), k.detach(), tw.detach(),
              w1.detach(), w2.detach(), case.H, case.W, cm, hm, 1.0, t, hid, mu, rstd)
-    torch.library.opcheck(torch.ops.fastprompt.vapt_prompts_bwd.default, bargs)
+    torch.library.opcheck(torch.ops.fastprompt.vapt_prompts_triton_bwd.default, bargs)
 
 
 # ------------------------------------------------------------------ dispatch and errors

@@ -8,16 +8,15 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, reference_ok, triton_ok
+from fastprompt.ops._dispatch import cast_inputs_to_autocast, register_op
 from fastprompt.ops.prefix_attention.reference import prefix_attention_reference
 
-__all__ = ["prefix_attention", "prefix_attention_reference", "BACKENDS"]
+__all__ = ["prefix_attention", "prefix_attention_reference", "BACKENDS", "OP"]
 
-BACKENDS = OpBackends(
-    "prefix_attention",
-    {"reference": reference_ok, "triton": triton_ok},
-    {"cuda": ("triton",), "cpu": ()},
-)
+# Autocast runs the reference's attention in its low-precision dtype.
+OP = register_op("prefix_attention", backends={"triton": "triton"}, preference={"cuda": ("triton",), "cpu": ()},
+                 prepare=cast_inputs_to_autocast)
+BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def prefix_attention(
@@ -42,15 +41,5 @@ def prefix_attention(
     The Triton backend takes float32 / float16 / bfloat16 and dh a power of two >= 16; its backward is
     deterministic.
     """
-    name = BACKENDS.resolve(backend, q.device, strict)
-    low = autocast_dtype(q.device)
-    if low is not None and name != "reference":
-        # Autocast runs the reference's attention in its low-precision dtype.
-        q, k, v, k_prefix, v_prefix = cast_floating(low, q, k, v, k_prefix, v_prefix)
-        with torch.autocast(q.device.type, enabled=False):
-            return prefix_attention(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen, backend=name)
-    if name == "triton":
-        from fastprompt.ops.prefix_attention.triton import prefix_attention_triton
-
-        return prefix_attention_triton(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
-    return prefix_attention_reference(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
+    return OP(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen, backend=backend, strict=strict,
+              device=q.device)
