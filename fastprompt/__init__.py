@@ -22,7 +22,7 @@ from fastprompt.learners import (
     list_learners,
     register_learner,
 )
-from fastprompt.data import load_classnames, list_classname_sets
+from fastprompt.datasets.classlists import load_classnames, list_classname_sets
 
 __all__ = [
     "__version__", "load_clip", "TextTower", "ClassPlan", "build_class_plan", "PromptedTextEncoder",
