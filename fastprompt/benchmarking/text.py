@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import fastprompt
 from fastprompt.benchmarking.timing import markdown_table, rel_err, sync
 
-__all__ = ["BenchCase", "BenchResult", "DEFAULT_CASES", "text_step", "build_case", "run_case", "run_cases", "format_table",
-           "results_json"]
+__all__ = ["BenchCase", "BenchResult", "DEFAULT_CASES", "text_step", "build_case", "run_case", "run_cases",
+           "format_table", "results_json"]
 
 
 @dataclass

@@ -88,7 +88,8 @@ class LearnerConfig:
             if isinstance(value, (int, float)) and value < 0:
                 raise ValueError(f"{name}.{field_name} must be >= 0, got {value!r}")
         if self.backend is not None and str(self.backend).lower() not in LEARNER_BACKENDS + ("auto",):
-            raise ValueError(f"{name}.backend must be one of {', '.join(LEARNER_BACKENDS)} or None, got {self.backend!r}")
+            raise ValueError(f"{name}.backend must be one of {', '.join(LEARNER_BACKENDS)} or None, "
+                             f"got {self.backend!r}")
 
     @classmethod
     def build(cls, config=None, overrides: Optional[Mapping[str, Any]] = None):

@@ -36,7 +36,8 @@ class OpCase:
 @contextlib.contextmanager
 def nan_poisoned_memory():
     """torch.empty & co. return NaN-filled memory inside this block (deterministic mode's fill)."""
-    was_det, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_det = torch.are_deterministic_algorithms_enabled()
+    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     was_fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True

@@ -82,7 +82,8 @@ def test_trains_one_epoch_through_the_cli(toy_registered, tmp_path):
     root = tmp_path / "data"
     make_synthetic_dataset(str(root), "caltech101", num_classes=4, images_per_class=6)
     run = tmp_path / "run"
-    argv = ["train", "--method", NAME, "--dataset", "caltech101", "--output-dir", str(run)] + _common(str(model), str(root))
+    argv = ["train", "--method", NAME, "--dataset", "caltech101", "--output-dir", str(run)]
+    argv += _common(str(model), str(root))
     assert main(argv) == 0
     cfg = json.loads((run / "run_config.json").read_text())
     # the optimisation settings come from the class's own training_defaults
