@@ -40,7 +40,7 @@ def _compiled():
 
 
 def _triton():
-    from fastprompt.ops.pool_project.triton import pool_project_triton
+    from fastprompt.ops.pool_project.triton_impl import pool_project_triton
 
     return pool_project_triton
 

@@ -146,7 +146,7 @@ def test_reference_equals_the_folded_linear_map():
 
 # ------------------------------------------------------------------ Triton == reference
 def _triton(*args):
-    from fastprompt.ops.vapt_prompts.triton import vapt_prompts_triton
+    from fastprompt.ops.vapt_prompts.triton_impl import vapt_prompts_triton
 
     return vapt_prompts_triton(*args)
 
@@ -154,7 +154,7 @@ def _triton(*args):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the kernels should fully overwrite starts as NaN."""
-    import fastprompt.ops.vapt_prompts.triton as mod
+    import fastprompt.ops.vapt_prompts.triton_impl as mod
 
     monkeypatch.setattr(mod, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
@@ -179,7 +179,7 @@ def test_triton_backward_is_deterministic():
 @needs_triton
 def test_opcheck():
     """schema, fake tensors, autograd registration and aot_dispatch of both custom ops."""
-    import fastprompt.ops.vapt_prompts.triton  # noqa: F401  (registers the ops)
+    import fastprompt.ops.vapt_prompts.triton_impl  # noqa: F401  (registers the ops)
 
     case = BY_NAME["tiny"]
     (x, lw, lb, k, tw, tb, w1, w2), _, _ = make_inputs(case, torch.float32)

@@ -27,7 +27,7 @@ def _promote(args, low):
 
 OP = register_op(
     "assemble",
-    backends={"compiled": "compiled", "triton": "triton"},
+    backends={"compiled": "compiled", "triton": "triton_impl"},
     preference={"cuda": ("compiled", "triton"), "cpu": ("compiled",)},
     prepare=_promote,
 )

@@ -14,7 +14,7 @@ from fastprompt.ops.condition.reference import condition_reference
 __all__ = ["condition", "condition_reference", "BACKENDS", "OP"]
 
 # Autocast runs the reference's Linear layers in its low-precision dtype.
-OP = register_op("condition", backends={"triton": "triton"}, preference={"cuda": ("triton",), "cpu": ()},
+OP = register_op("condition", backends={"triton": "triton_impl"}, preference={"cuda": ("triton",), "cpu": ()},
                  prepare=cast_inputs_to_autocast)
 BACKENDS = OP  # its backends and their availability (OpBackends)
 

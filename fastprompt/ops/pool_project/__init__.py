@@ -26,7 +26,7 @@ def _autocast_as_reference(args, low):
 
 OP = register_op(
     "pool_project",
-    backends={"compiled": "compiled", "triton": "triton"},
+    backends={"compiled": "compiled", "triton": "triton_impl"},
     preference={"cuda": ("compiled", "triton"), "cpu": ("compiled",)},
     prepare=_autocast_as_reference,
 )

@@ -14,7 +14,7 @@ from fastprompt.ops.prefix_attention.reference import prefix_attention_reference
 __all__ = ["prefix_attention", "prefix_attention_reference", "BACKENDS", "OP"]
 
 # Autocast runs the reference's attention in its low-precision dtype.
-OP = register_op("prefix_attention", backends={"triton": "triton"}, preference={"cuda": ("triton",), "cpu": ()},
+OP = register_op("prefix_attention", backends={"triton": "triton_impl"}, preference={"cuda": ("triton",), "cpu": ()},
                  prepare=cast_inputs_to_autocast)
 BACKENDS = OP  # its backends and their availability (OpBackends)
 

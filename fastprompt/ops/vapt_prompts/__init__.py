@@ -15,10 +15,10 @@ from fastprompt.ops.vapt_prompts.reference import dropout_masks, vapt_prompts_re
 __all__ = ["vapt_prompts", "vapt_prompts_reference", "dropout_masks", "BACKENDS", "OP"]
 
 # No compiled (C++/CUDA) backend: on the CPU the eager reference is GEMM-bound at ViT-B sizes, and on CUDA the
-# Triton kernels already make it one launch per direction (see the module doc of triton.py).
+# Triton kernels already make it one launch per direction (see the module doc of triton_impl.py).
 # Autocast runs the reference's conv and Linear layers in its low-precision dtype (LayerNorm in float32; the
 # kernel normalises in float32 from the low-precision input); the output is the low dtype, as there.
-OP = register_op("vapt_prompts", backends={"triton": "triton"}, preference={"cuda": ("triton",), "cpu": ()},
+OP = register_op("vapt_prompts", backends={"triton": "triton_impl"}, preference={"cuda": ("triton",), "cpu": ()},
                  prepare=cast_inputs_to_autocast)
 BACKENDS = OP  # its backends and their availability (OpBackends)
 
