@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from fastprompt.bench import _sync
+from fastprompt.benchmarking.timing import sync as _sync
 
 logging.getLogger().setLevel(logging.ERROR)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastprompt.bench import BenchCase, build_case  # noqa: E402
+from fastprompt.benchmarking.text import BenchCase, build_case  # noqa: E402
 
 GPU_CASES = {
     "cocoop-B32xN100": BenchCase("cocoop", 100, batch=32, dataset="caltech101", n_ctx=4),

@@ -110,7 +110,7 @@ def _do_bench_ms(fn) -> float:
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_bench_assemble_triton_fwd_bwd(benchmark, shape, impl, dtype):
-    from fastprompt.ops.assemble.triton import assemble_triton
+    from fastprompt.ops.assemble.triton_impl import assemble_triton
 
     cfg = SHAPES[shape]
     args, grad_out = _inputs(**cfg, dtype=dtype, device="cuda")

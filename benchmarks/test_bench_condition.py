@@ -53,7 +53,7 @@ def _bytes_per_step(B, Din, Dh, Dout, dtype, **_):
 
 def _fn(impl):
     if impl == "triton":
-        from fastprompt.ops.condition.triton import condition_triton
+        from fastprompt.ops.condition.triton_impl import condition_triton
 
         return condition_triton
     return condition_reference

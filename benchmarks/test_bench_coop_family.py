@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import median_ms, record
-from fastprompt.bench import _rel, _sync
+from fastprompt.benchmarking.timing import rel_err as _rel, sync as _sync
 
 CLASSES, BATCH = 100, 4
 CASES = [

@@ -13,7 +13,7 @@ import torch
 
 import fastprompt
 from benchmarks.conftest import first_call_ms, record
-from fastprompt.bench import _rel, _sync
+from fastprompt.benchmarking.timing import rel_err as _rel, sync as _sync
 
 CASES = [("maple", {}), ("ivlp", {}), ("promptsrc", {})]
 

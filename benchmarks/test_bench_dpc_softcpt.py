@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import first_call_ms, record
-from fastprompt.bench import _rel, _sync
+from fastprompt.benchmarking.timing import rel_err as _rel, sync as _sync
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.conftest import record
-from fastprompt.bench import BenchCase, build_case, text_step
+from fastprompt.benchmarking.text import BenchCase, build_case, text_step
 
 # Ops that only make a new view or touch metadata: no kernel runs for them.
 METADATA_OPS = {

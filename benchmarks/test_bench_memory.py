@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from benchmarks.conftest import median_ms, record
-from fastprompt.bench import BenchCase, _sync, build_case
+from fastprompt.benchmarking.text import BenchCase, build_case
+from fastprompt.benchmarking.timing import sync as _sync
 from fastprompt.ops.prefix_attention.eager import prefix_attention_eager
 from fastprompt.ops.prefix_attention.reference import prefix_attention_reference
 

@@ -65,7 +65,7 @@ def _impl(name):
 
         return pool_project_compiled
     if name == "triton":
-        from fastprompt.ops.pool_project.triton import pool_project_triton
+        from fastprompt.ops.pool_project.triton_impl import pool_project_triton
 
         return pool_project_triton
     return pool_project_reference

@@ -55,7 +55,7 @@ def _step(fn, args, grad_out):
 def test_bench_prefix_attention_fwd_bwd(benchmark, shape, dtype):
     import triton.testing
 
-    from fastprompt.ops.prefix_attention.triton import prefix_attention_triton
+    from fastprompt.ops.prefix_attention.triton_impl import prefix_attention_triton
 
     args, grad_out, flops = _inputs(**SHAPES[shape], dtype=dtype)
     ref_grads, tri_grads = _step(prefix_attention_reference, args, grad_out), _step(prefix_attention_triton, args, grad_out)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from benchmarks.conftest import median_ms, record
-from fastprompt.bench import _rel, _sync
+from fastprompt.benchmarking.timing import rel_err as _rel, sync as _sync
 from fastprompt.encoders.prompted_vision import PromptedVisionEncoder
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from benchmarks.conftest import median_ms, record
-from fastprompt.bench import BenchCase, _rel, _sync, build_case, text_step
+from fastprompt.benchmarking.text import BenchCase, build_case, text_step
+from fastprompt.benchmarking.timing import rel_err as _rel, sync as _sync
 
 CASES = [
     pytest.param(BenchCase("coop", 100, dataset="caltech101"), id="coop-C100"),

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import median_ms, record
-from fastprompt.bench import BenchCase, _rel, _sync, build_case
+from fastprompt.benchmarking.text import BenchCase, build_case
+from fastprompt.benchmarking.timing import rel_err as _rel, sync as _sync
 
 # (case, prefix-shared floor in ms on an H100 (roofline model), speed-up target, floor-multiple target)
 GPU_CASES = {

@@ -28,8 +28,8 @@ import pytest
 import torch
 
 from benchmarks.conftest import first_call_ms, record
-from fastprompt.bench import _rel, _sync
-from fastprompt.bench_step import TrainStep, _image_size
+from fastprompt.benchmarking.timing import rel_err as _rel, sync as _sync
+from fastprompt.benchmarking.step import TrainStep, _image_size
 
 CLIP_METHODS = ["coop", "cocoop", "kgcoop", "dept", "capt", "maple", "promptsrc", "dpc", "softcpt"]
 SOFTCPT_TASKS = 4  # the 100 (CPU: 10) classes read as 4 (CPU: 2) tasks of consecutive classes
@@ -84,7 +84,7 @@ def vitb16(device):
 
 
 def _clip_learner(method: str, vitb16, device):
-    from fastprompt.bench_step import step_learner
+    from fastprompt.benchmarking.step import step_learner
     from fastprompt.training.config import method_defaults
 
     model, tokenizer, names = vitb16

@@ -42,7 +42,7 @@ def _step(fn, x, params, cm, hm, grid, up):
 def test_bench_vapt_prompts_fwd_bwd(benchmark, shape, impl):
     import triton.testing
 
-    from fastprompt.ops.vapt_prompts.triton import vapt_prompts_triton
+    from fastprompt.ops.vapt_prompts.triton_impl import vapt_prompts_triton
 
     cfg = SHAPES[shape]
     x, params, cm, hm, up = _inputs(**cfg, dtype=torch.float32)

@@ -15,17 +15,21 @@ from fastprompt.learners import (
     CoCoOpConfig,
     CoOp,
     CoOpConfig,
+    LearnerConfig,
+    PromptLearner,
     create_learner,
     from_pretrained,
+    get_learner_class,
     list_learners,
     register_learner,
 )
-from fastprompt.data import load_classnames, list_classname_sets
+from fastprompt.datasets.classlists import load_classnames, list_classname_sets
 from fastprompt.official import export_official, load_official
 
 __all__ = [
     "__version__", "load_clip", "TextTower", "ClassPlan", "build_class_plan", "PromptedTextEncoder",
-    "create_learner", "compile", "from_pretrained", "list_learners", "register_learner", "env_report",
+    "create_learner", "compile", "from_pretrained", "list_learners", "register_learner", "get_learner_class",
+    "env_report", "PromptLearner", "LearnerConfig",
     "CoOp", "CoOpConfig", "CoCoOp", "CoCoOpConfig", "load_classnames", "list_classname_sets",
     "load_official", "export_official",
 ]

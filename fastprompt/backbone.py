@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["load_clip", "TextTower", "freeze", "check_clip_model", "clip_source"]
+__all__ = ["load_clip", "TextTower", "freeze", "check_clip_model", "clip_source", "eval_preprocess"]
 
 
 def _open_clip():
@@ -153,6 +153,19 @@ def freeze(model: nn.Module) -> nn.Module:
 def clip_source(model: nn.Module) -> Tuple[Optional[str], Optional[str]]:
     """(architecture name, pretrained tag or path) recorded by :func:`load_clip`, or (None, None)."""
     return getattr(model, "_fastprompt_source", (None, None))
+
+
+def eval_preprocess(model: nn.Module):
+    """The model's own test-time image preprocessing: open_clip's ``image_transform`` with the size, mean, std,
+    interpolation and resize mode the model records (``model.visual.preprocess_cfg``; CLIP's defaults and
+    ``visual.image_size`` for a model built without one). PIL image -> [3, H, W] float tensor."""
+    open_clip = _open_clip()
+    cfg = dict(getattr(model.visual, "preprocess_cfg", None) or {})
+    size = cfg.get("size", getattr(model.visual, "image_size", 224))
+    return open_clip.image_transform(
+        size, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"), resize_mode=cfg.get("resize_mode"),
+        interpolation=cfg.get("interpolation"), fill_color=cfg.get("fill_color", 0),
+    )
 
 
 def load_clip(

@@ -7,6 +7,7 @@ of the prefix shared by every class (SOS + context for the default "end" positio
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -175,8 +176,6 @@ def build_class_plan(
 
 
 def _takes_length(tokenizer) -> bool:
-    import inspect
-
     try:
         return "context_length" in inspect.signature(tokenizer.__call__).parameters
     except (TypeError, ValueError):

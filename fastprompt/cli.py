@@ -15,7 +15,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fastprompt.bench import DEFAULT_CASES, BenchCase, format_table, results_json, run_cases
+    from fastprompt.benchmarking.text import DEFAULT_CASES, BenchCase, format_table, results_json, run_cases
 
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" warning
     problem = check_bench_args(args)
@@ -63,7 +63,7 @@ def _env(_: argparse.Namespace) -> int:
 
 def _selftest(_: argparse.Namespace) -> int:
     from fastprompt.env import env_report
-    from fastprompt.selftest import selftest
+    from fastprompt.benchmarking.selftest import selftest
 
     env_report()
     try:
@@ -256,7 +256,7 @@ def _datasets(args: argparse.Namespace) -> int:
 def _bench_steps(args: argparse.Namespace, device: str) -> int:
     """``fastprompt bench --step``: whole training steps of any CLIP learner, reference vs fast, same run."""
     import fastprompt
-    from fastprompt.bench_step import format_step_table, run_step_case, step_results_json
+    from fastprompt.benchmarking.step import format_step_table, run_step_case, step_results_json
 
     if args.preset != "default":
         print("error: --preset applies to the text-side bench, not to --step", file=sys.stderr)
@@ -288,7 +288,7 @@ def _bench_steps(args: argparse.Namespace, device: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastprompt.bench_step import STEP_METHODS
+    from fastprompt.benchmarking.step import STEP_METHODS
 
     parser = argparse.ArgumentParser(prog="fastprompt", description="Exact, fast prompt tuning for CLIP models.")
     sub = parser.add_subparsers(dest="command", required=True)

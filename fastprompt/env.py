@@ -7,23 +7,7 @@ import torch
 
 from fastprompt._extension import extension_has_cuda, extension_loaded, load_error
 from fastprompt._version import __version__
-import importlib
-
-from fastprompt.ops._dispatch import default_backend, triton_interpreting
-
-
-OP_NAMES = ("assemble", "condition", "prefix_attention", "pool_project", "vapt_prompts")
-
-
-def _ops():
-    """{op name: its OpBackends table}; an op whose module fails to import is reported, not fatal."""
-    tables = {}
-    for name in OP_NAMES:
-        try:
-            tables[name] = importlib.import_module(f"fastprompt.ops.{name}").BACKENDS
-        except Exception as exc:
-            tables[name] = exc
-    return tables
+from fastprompt.ops._dispatch import default_backend, registered_ops, triton_interpreting
 
 
 def env_report(print_report: bool = True) -> str:
@@ -55,7 +39,7 @@ def env_report(print_report: bool = True) -> str:
     if triton_interpreting():
         lines.append("TRITON_INTERPRET=1: Triton kernels run in the (slow) CPU interpreter")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for name, table in _ops().items():
+    for name, table in registered_ops().items():  # an op package that fails to import is reported, not fatal
         if isinstance(table, Exception):
             lines.append(f"op {name}: not importable ({type(table).__name__}: {table})")
             continue

@@ -1,12 +1,14 @@
 """Hand-crafted prompt templates of the standard datasets (CoOp's ``CUSTOM_TEMPLATES`` table).
 
-Keys are the snake-case dataset names used everywhere in fastprompt (``fastprompt.data`` class lists, the
+Keys are the snake-case dataset names used everywhere in fastprompt (``fastprompt.datasets.classlists`` class lists, the
 dataset layer); Dassl's CamelCase names (``"OxfordPets"``, ``"DescribableTextures"``, ...) are accepted too.
 KgCoOp (and the CaPT repository's KgCoOp/DePT baselines) use the same table except for DTD.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
+
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 __all__ = [
     "CUSTOM_TEMPLATES", "KGCOOP_TEMPLATES", "PROGRAD_TEMPLATES", "IMAGENET_TEMPLATES", "imagenet_templates", "dataset_key", "template_for",
@@ -82,8 +84,6 @@ def imagenet_templates() -> List[str]:
     ``OPENAI_IMAGENET_TEMPLATES``) with "a photo of a {}." moved to the front, in PromptSRC's order. Built from
     open_clip's list (imported here, on first use, because importing open_clip takes seconds).
     """
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
     notebook = [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     first = notebook.index("a photo of a {}.")
     return [notebook[first]] + notebook[:first] + notebook[first + 1 : 60]

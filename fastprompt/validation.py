@@ -117,7 +117,7 @@ def normalized_classname(name: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _shipped_duplicates() -> FrozenSet[str]:
     """Normalised names that a class list shipped with fastprompt itself repeats (ImageNet's)."""
-    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "classnames")
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets", "classnames")
     out = set()
     try:
         files = os.listdir(folder)

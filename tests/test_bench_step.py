@@ -1,4 +1,4 @@
-"""``fastprompt.bench_step``: the reference-vs-fast training step behind ``fastprompt bench --step`` works for
+"""``fastprompt.benchmarking.step``: the reference-vs-fast training step behind ``fastprompt bench --step`` works for
 every CLIP learner it offers, and its two paths agree (loss and every gradient) before anything is timed."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fastprompt.bench_step import STEP_METHODS, TrainStep, run_step_case, step_learner
+from fastprompt.benchmarking.step import STEP_METHODS, TrainStep, run_step_case, step_learner
 from fastprompt.cli import main
 from tests.conftest import rel_err, tiny_clip
 

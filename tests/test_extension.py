@@ -54,7 +54,7 @@ def test_disable_switch(monkeypatch, fresh_state):
 
 
 def test_selftest_passes_on_this_install():
-    from fastprompt.selftest import selftest
+    from fastprompt.benchmarking.selftest import selftest
 
     results = selftest(verbose=False)
     assert {r[1] for r in results} >= {"torch", "auto"} and all(r[2] <= 1e-10 for r in results)

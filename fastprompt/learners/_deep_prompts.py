@@ -25,13 +25,14 @@ import torch.nn.functional as F
 
 from fastprompt.classplan import build_class_plan, clean_classnames
 from fastprompt.encoders.prompted_text import PromptedTextEncoder
+from fastprompt.encoders.prompted_vision import PromptedVisionEncoder
 from fastprompt.learners._common import plan_kwargs
 
 __all__ = [
     "official_context_init", "build_text_encoder", "check_class_idx", "deep_text_features", "check_images",
     "visual_width", "vision_encoder", "prompted_image_features", "cosine_logits", "IndependentPrompts",
-    "gaussian_epoch_weights", "GaussianPromptAggregation", "unnormalized_text_features",
-    "independent_class_text_features", "set_independent_classnames",
+    "gaussian_epoch_weights", "GaussianPromptAggregation", "DeepTextFeatures",
+    "IndependentPromptLearner",
 ]
 
 
@@ -170,8 +171,6 @@ def vision_encoder(learner):
     PromptSRC do), built on first use and kept outside the module tree: it only views ``learner.clip.visual``."""
     enc = learner.__dict__.get("_prompted_vision")
     if enc is None:
-        from fastprompt.encoders.prompted_vision import PromptedVisionEncoder
-
         enc = PromptedVisionEncoder(learner.clip.visual, insert="append")
         object.__setattr__(learner, "_prompted_vision", enc)
     return enc
@@ -194,34 +193,38 @@ def cosine_logits(learner, image_features: torch.Tensor, text_normalized: torch.
     return learner.logit_scale * img.to(text_normalized.dtype) @ text_normalized.t()
 
 
-# ---------------------------------------------------------------------- methods shared as class attributes
-# (with those of ``_family.py``: ``itm_logits_from_features``, ``normalized_class_text``, ``cosine_forward``)
-def unnormalized_text_features(self, class_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``text_features`` hook: [C, E] unnormalised prompted class text features (``class_text_features()``),
-    or [K, E] for the classes ``class_idx`` [K] int64 only (DPC's loss needs only the labels of its batch).
-    The reference backend encodes every class at 77 tokens and indexes; the fast one encodes just those."""
-    if class_idx is None:
-        return self.class_text_features()
-    return self.class_text_features(class_idx=class_idx)
+# ---------------------------------------------------------------------- shared behaviour as mixins
+class DeepTextFeatures:
+    """Mixin: ``text_features(class_idx=None)`` of a deep-prompt learner whose ``class_text_features`` takes
+    ``class_idx`` (MaPLe, IVLP, PromptSRC)."""
+
+    def text_features(self, class_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[C, E] unnormalised prompted class text features (``class_text_features()``), or [K, E] for the classes
+        ``class_idx`` [K] int64 only (DPC's loss needs only the labels of its batch). The reference backend
+        encodes every class at 77 tokens and indexes; the fast one encodes just those."""
+        if class_idx is None:
+            return self.class_text_features()
+        return self.class_text_features(class_idx=class_idx)
 
 
-def independent_class_text_features(
-    self, image_features=None, class_shift: Optional[torch.Tensor] = None, class_idx: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """``class_text_features`` of a learner holding :class:`IndependentPrompts` as ``self.prompts`` (IVLP,
-    PromptSRC) -> [C, E] unnormalised (plug-in hook, ``fastprompt/learners/_family.py``). ``image_features`` is
-    unused (not image-conditional); ``class_shift`` [C, Dt] (CaPT) is added to the input context of class c;
-    ``class_idx`` [K] restricts the result to those classes ([K, E])."""
-    return deep_text_features(
-        self, self.text, self.prompts.ctx, self.prompts.text_deep_prompts(), class_shift, class_idx
-    )
+class IndependentPromptLearner(DeepTextFeatures):
+    """Mixin of a learner holding :class:`IndependentPrompts` as ``self.prompts`` (IVLP, PromptSRC)."""
 
+    def class_text_features(
+        self, image_features=None, class_shift: Optional[torch.Tensor] = None, class_idx: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """-> [C, E] unnormalised (plug-in hook, ``fastprompt/learners/_family.py``). ``image_features`` is unused
+        (not image-conditional); ``class_shift`` [C, Dt] (CaPT) is added to the input context of class c;
+        ``class_idx`` [K] restricts the result to those classes ([K, E])."""
+        return deep_text_features(
+            self, self.text, self.prompts.ctx, self.prompts.text_deep_prompts(), class_shift, class_idx
+        )
 
-def set_independent_classnames(self, classnames: Sequence[str]) -> None:
-    """``set_classnames`` of an IVLP-like learner: rebuild the class-dependent text buffers (base -> new)."""
-    p = self.prompts
-    self.classnames, self.text = build_text_encoder(self, classnames, p.n_ctx_text, p.prompt_prefix)
-    self._text_cache = None
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """Rebuild the class-dependent text buffers (base -> new)."""
+        p = self.prompts
+        self.classnames, self.text = build_text_encoder(self, classnames, p.n_ctx_text, p.prompt_prefix)
+        self._text_cache = None
 
 
 class IndependentPrompts(nn.Module):

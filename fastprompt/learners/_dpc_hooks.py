@@ -4,18 +4,23 @@ Each hook object exposes ``image_features(images, prompts) -> [B', E]`` and ``te
 reference, op_backend) -> [C or n, E]`` (L2-normalised), with the DPC prompt tensors substituted into the frozen
 backbone through ``torch.func.functional_call`` so that autograd reaches them and the backbone's own tensors are
 untouched; ``image_uses_prompts`` says whether the image side depends on them (CoOp: no, so DPC reuses the
-scoring image features). A PromptKD backbone also has ``score_features`` (the sampler's features) and ``logits``.
+scoring image features). What differs per backbone beyond that (the library transform, the starting prompt, the
+adapter's extra tensors, the split-specific heads) is a hook method too, so ``DPC`` itself never asks which kind
+of backbone it holds. A PromptKD backbone also has ``score_features`` (the sampler's features) and ``logits``.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
-from fastprompt.learners._common import PromptLearner
+from fastprompt.backbone import eval_preprocess
+from fastprompt.learners._hard_negatives import default_train_transform
+from fastprompt.learners.base import PromptLearner
 from fastprompt.learners.coop import CoOp
 from fastprompt.learners.promptkd import PromptKD
 
@@ -32,15 +37,49 @@ class _Call(nn.Module):
 def with_tensors(module: nn.Module, tensors: Dict[str, torch.Tensor], fn: Callable, *args):
     """Call ``fn(*args)`` (a method of ``module``) with ``module``'s named tensors replaced (autograd flows
     into the given tensors); the module's own parameters are untouched afterwards."""
-    from torch.func import functional_call
-
     return functional_call(_Call(module), {f"m.{k}": v for k, v in tensors.items()}, (fn,) + args, strict=False)
 
 
-class _CoOpHooks:
+class BackboneHooks:
+    """What every DPC backbone kind shares; subclasses override what their released trainer does differently."""
+
+    image_uses_prompts = True
+    # DPC's logits see the images only through the backbone's frozen ``encode_images``, L2-normalised (the
+    # feature store may then supply them)
+    image_features_frozen = False
+    modes = ("official", "paper", "simple", "void")
+
+    def library_transform(self, clip_model: nn.Module) -> Callable:
+        """The transform of the hard-negative library images (``sple_coop.py``: the CLIP training transform)."""
+        size = getattr(clip_model.visual, "image_size", 224)
+        return default_train_transform(size[0] if isinstance(size, (tuple, list)) else int(size))
+
+    def initial_prompts(self, mode: str, seed: Optional[int]) -> Dict[str, torch.Tensor]:
+        """{name: tensor} the trained DPC tensor starts from: P itself, or (``void``) a freshly initialised
+        backbone's tensors, as the released learner never loads P into it."""
+        if mode == "void":
+            bb = self.bb
+            fresh = type(bb)(bb.clip, bb.classnames, config=bb.config, tokenizer=bb.tokenizer)
+            return dict(fresh.named_parameters())
+        return dict(self.bb.named_parameters())
+
+    def extra_state(self, dpc) -> Dict[str, torch.Tensor]:
+        """Adapter tensors besides ``tuned.*`` and DPC's own (none for most backbones)."""
+        return {}
+
+    def load_state(self, dpc, tensors: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor]) -> None:
+        """Copy the stored P (``tuned``) and the :meth:`extra_state` tensors back in place."""
+        P = dpc.tuned_prompts()
+        with torch.no_grad():
+            for n, v in tuned.items():
+                P[n].copy_(v)
+
+
+class _CoOpHooks(BackboneHooks):
     """CoOp as a DPC backbone: frozen image tower; class features through the engine for any class subset."""
 
     image_uses_prompts = False
+    image_features_frozen = True
 
     def __init__(self, backbone: CoOp):
         self.bb = backbone
@@ -63,7 +102,7 @@ class _CoOpHooks:
         return bb.text.fast_features(ctx.unsqueeze(0), None, g_idx, idx, backend=op_backend, normalize=True)
 
 
-class _GenericHooks:
+class _GenericHooks(BackboneHooks):
     """A backbone with ``image_features(images)`` / ``text_features(class_idx=None)`` (MaPLe, PromptSRC)."""
 
     def __init__(self, backbone: PromptLearner):
@@ -95,7 +134,7 @@ class _GenericHooks:
         return feats if class_idx is None else feats[class_idx]
 
 
-class PromptKDHooks:
+class PromptKDHooks(BackboneHooks):
     """PromptKD (+DPC, ``sple_promptkd.py``) as a DPC backbone.
 
     DPC prompts: the student's trainable tensors (``vpt``, ``vpt_deep.*``, ``projector.*``) and the frozen
@@ -106,6 +145,7 @@ class PromptKDHooks:
     """
 
     image_uses_prompts = True
+    modes = ("official", "paper")
 
     def __init__(self, backbone: PromptLearner):
         self.bb = backbone
@@ -138,6 +178,49 @@ class PromptKDHooks:
             return feats if class_idx is None else feats[class_idx]
         finally:
             teacher._text_cache = None
+
+    def library_transform(self, clip_model: nn.Module) -> Callable:
+        """``sple_promptkd.py`` reads the negatives with the test transform: the backbone's own preprocessing."""
+        return eval_preprocess(clip_model)
+
+    def initial_prompts(self, mode: str, seed: Optional[int]) -> Dict[str, torch.Tensor]:
+        """P cloned; ``official`` starts the deep prompts the released list re-assignment fails to load from
+        N(0, std^2) (student ``init_std`` for ``vpt_deep.*``, the teacher's for its ``text_deep.*``), drawn from a
+        generator seeded with ``seed`` (the global torch RNG when None)."""
+        named = dict(self.bb.named_parameters())
+        init = dict(named)
+        if mode == "official":
+            gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+            for n in self.fresh_in_official:
+                std = self.bb.teacher.config.init_std if n.startswith("teacher.") else self.bb.config.init_std
+                t = named[n]
+                init[n] = torch.empty(t.shape, dtype=t.dtype).normal_(0.0, float(std), generator=gen).to(t.device)
+        return init
+
+    def extra_state(self, dpc) -> Dict[str, torch.Tensor]:
+        """The rest of the backbone's adapter (``head.*``: teacher image prompts, the head's BN statistics) and
+        DPC's own BN statistics (``buffers.*``)."""
+        out = {f"head.{k}": v for k, v in self.bb.trainable_state_dict().items() if k not in self.prompt_names}
+        out.update({f"buffers.{n}": b.detach() for n, b in dpc.bn_buffers().items()})
+        return out
+
+    def load_state(self, dpc, tensors: Dict[str, torch.Tensor], tuned: Dict[str, torch.Tensor]) -> None:
+        # the backbone is frozen here, so its own loader takes the teacher's tensors and the BN statistics
+        # (it checks their names and shapes); the student's P is copied directly
+        head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+        self.bb.load_trainable_state_dict({**head, **{n: v for n, v in tuned.items() if n.startswith("teacher.")}})
+        P = dpc.tuned_prompts()
+        with torch.no_grad():
+            for n, v in tuned.items():
+                if not n.startswith("teacher."):
+                    P[n].copy_(v)
+        own = dpc.bn_buffers()
+        got = {k[len("buffers."):]: v for k, v in tensors.items() if k.startswith("buffers.")}
+        if sorted(got) != sorted(own):
+            raise ValueError(f"DPC adapter must hold buffers.{sorted(own)}, got buffers.{sorted(got)}")
+        with torch.no_grad():
+            for n, v in got.items():
+                own[n].copy_(v)
 
     def score_features(self, images):
         """The sampler's ([B, E_t] teacher image features, [C, E_t] teacher text features), normalised."""

@@ -1,10 +1,11 @@
-"""Shared pieces of the CoOp family: the plug-in protocol, the unified-context text path, logits.
+"""Shared pieces of the CoOp family: the plug-in protocol (:class:`PluginBase`), the unified-context text path,
+logits, and the mixins (:class:`CosineClassifier`, :class:`UnifiedContext`, :class:`Plugin`).
 
 Plug-in protocol
 ----------------
 DePT and CaPT are plug-ins: they hold a *base learner* (``self.base``) and add their parts around it. A base
-learner (coop, cocoop, kgcoop, prograd; later maple, promptsrc; and DePT itself, so that CaPT can wrap it)
-provides:
+learner (any learner implementing :class:`PluginBase`: coop, cocoop, kgcoop, prograd, maple, promptsrc, ...;
+and DePT itself, so that CaPT can wrap it) provides:
 
 ``image_conditional: bool``
     True when the class text features depend on the image (CoCoOp): they are then [B, C, E] and never cached.
@@ -23,10 +24,13 @@ provides:
     ProGrad projects the gradients of all of them, as the official code projects every prompt-learner tensor.
 ``set_classnames(names)``, ``classnames``, ``param_groups(lr)``, ``backend``
     As for every learner.
+``accepts_class_shift: bool`` (class attribute)
+    Whether ``class_text_features`` takes a ``class_shift`` (CaPT needs it).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from dataclasses import asdict, fields
+from typing import Any, Dict, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -34,7 +38,9 @@ import torch.nn.functional as F
 
 from fastprompt.classplan import build_class_plan, clean_classnames
 from fastprompt.encoders.prompted_text import PromptedTextEncoder
-from fastprompt.learners._common import PromptLearner, plan_kwargs
+from fastprompt.learners._common import plan_kwargs
+from fastprompt.learners.base import PromptLearner
+from fastprompt.learners.registry import create_learner, get_learner_class
 from fastprompt.templates import format_prompts
 
 PROTOCOL = ("image_features", "class_text_features", "logits_from_features", "loss_from_features", "set_classnames")
@@ -102,97 +108,79 @@ def rebuild_unified_prompts(learner, classnames: Sequence[str], template: str) -
     return F.normalize(w, dim=-1).to(learner.ctx.device)
 
 
-def unified_class_text_features(
-    self, image_features=None, class_shift: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Plug-in hook of a unified-context learner (``self.text``, ``self.ctx`` [M, D]; KgCoOp, ProGrad), assigned
-    as its ``class_text_features`` method -> [C, E] unnormalised learned-prompt features. ``image_features`` is
-    unused (not image-conditional); ``class_shift`` [C, D] is added to each class's context."""
-    check_shift(class_shift, len(self.classnames), self.tower.width)
-    if self.uses_reference:
-        return unified_reference_text(self.text, self.ctx, class_shift)
-    return unified_fast_text(self.text, self.ctx, class_shift, self.op_backend)
+# ---------------------------------------------------------------------- shared behaviour as mixins
+# A learner lists the mixins it shares before PromptLearner (``class KgCoOp(UnifiedContext, PromptLearner)``); a
+# method the learner defines itself wins over the mixin's.
+class CosineClassifier:
+    """The protocol and learner methods of a learner that classifies by ``logit_scale * cos``."""
+
+    def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v [B, E], t [C, E] (unnormalised) -> [B, C] = logit_scale * cos."""
+        return itm_logits(self.logit_scale, v, t)
+
+    def loss_from_features(self, v, t, labels, itm_loss=None, params=None):
+        """Trained on its logits only: ``itm_loss(logits, labels)`` (cross-entropy by default) ->
+        (loss [], logits [B, C])."""
+        logits = self.logits_from_features(v, t)
+        return (itm_loss or F.cross_entropy)(logits, labels), logits
+
+    def encode_text(self) -> torch.Tensor:
+        """[C, E] L2-normalised ``class_text_features()`` (text that does not depend on the image; cached in eval
+        mode under no_grad)."""
+        return self.cached_text_features(lambda: F.normalize(self.class_text_features(), dim=-1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(image_features, encode_text())."""
+        return self.logits_from_image_features(self.image_features(images))
+
+    def logits_from_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[B, E] as ``image_features(images)`` returns them -> logits [B, C], the rest of :meth:`forward` (the
+        feature store's entry point for frozen image towers)."""
+        image_features = F.normalize(image_features, dim=-1)
+        text_features = self.encode_text()
+        return self.logit_scale * image_features.to(text_features.dtype) @ text_features.t()
 
 
-# ---------------------------------------------------------------------- methods shared as class attributes
-# Learners assign these plain functions as methods (``forward = cosine_forward``): one definition of the
-# common protocol methods, without a second base class (PromptLearner stays the only base).
-def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
-    """``image_features`` of a learner with a frozen image tower: images [B, 3, H, W] -> [B, E] unnormalised."""
-    return self.encode_images(images)
+class UnifiedContext(CosineClassifier):
+    """A unified-context "end"-position learner (``self.text``, ``self.ctx`` [M, D]; KgCoOp, ProGrad): frozen
+    image tower, one shared context, and its loss through the protocol."""
+
+    accepts_class_shift = True
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> [B, E] unnormalised frozen image features."""
+        return self.encode_images(images)
+
+    def class_text_features(self, image_features=None, class_shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """-> [C, E] unnormalised learned-prompt features. ``image_features`` is unused (not image-conditional);
+        ``class_shift`` [C, D] is added to each class's context."""
+        check_shift(class_shift, len(self.classnames), self.tower.width)
+        if self.uses_reference:
+            return unified_reference_text(self.text, self.ctx, class_shift)
+        return unified_fast_text(self.text, self.ctx, class_shift, self.op_backend)
+
+    def compute_loss(self, images: torch.Tensor, labels: torch.Tensor):
+        """images [B, 3, H, W], labels [B] -> ``loss_from_features(image_features(images),
+        class_text_features(v), labels)`` = (loss [], logits [B, C])."""
+        v = self.image_features(images)
+        return self.loss_from_features(v, self.class_text_features(v), labels)
 
 
-def itm_logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``logits_from_features``: v [B, E], t [C, E] (unnormalised) -> [B, C] = logit_scale * cos."""
-    return itm_logits(self.logit_scale, v, t)
+@runtime_checkable
+class PluginBase(Protocol):
+    """What a plug-in (DePT, CaPT) needs of its base learner (see the module docstring)."""
 
+    image_conditional: bool
 
-def ce_loss_from_features(self, v, t, labels, itm_loss=None, params=None):
-    """``loss_from_features`` of a learner trained on its logits only: ``itm_loss(logits, labels)``
-    (cross-entropy by default) -> (loss [], logits [B, C])."""
-    logits = self.logits_from_features(v, t)
-    return (itm_loss or F.cross_entropy)(logits, labels), logits
+    def image_features(self, images: torch.Tensor) -> torch.Tensor: ...
 
+    def class_text_features(self, image_features=None, class_shift=None) -> torch.Tensor: ...
 
-def normalized_class_text(self) -> torch.Tensor:
-    """``encode_text`` of a learner whose text does not depend on the image: [C, E] L2-normalised
-    ``class_text_features()`` (cached in eval mode under no_grad)."""
-    return self.cached_text_features(lambda: F.normalize(self.class_text_features(), dim=-1))
+    def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
 
+    def loss_from_features(self, v, t, labels, itm_loss=None, params=None): ...
 
-def cosine_forward(self, images: torch.Tensor) -> torch.Tensor:
-    """``forward``: images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(image_features, encode_text())."""
-    return cosine_logits_from_image_features(self, self.image_features(images))
-
-
-def cosine_logits_from_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
-    """``logits_from_image_features``: [B, E] as ``image_features(images)`` returns them -> logits [B, C], the
-    rest of :func:`cosine_forward` (the feature store's entry point for frozen image towers)."""
-    image_features = F.normalize(image_features, dim=-1)
-    text_features = self.encode_text()
-    return self.logit_scale * image_features.to(text_features.dtype) @ text_features.t()
-
-
-def features_compute_loss(self, images: torch.Tensor, labels: torch.Tensor):
-    """``compute_loss`` through the protocol: images [B, 3, H, W], labels [B] ->
-    ``loss_from_features(image_features(images), class_text_features(v), labels)`` = (loss [], logits [B, C])."""
-    v = self.image_features(images)
-    return self.loss_from_features(v, self.class_text_features(v), labels)
-
-
-# Trainer hooks of a plug-in (DePT, CaPT), forwarded to its base learner ``self.base``: PromptSRC's prompt
-# aggregation, DAPT's prototypes and their resume state live in the base. Assigned as class attributes.
-def forward_on_epoch_end(self, epoch: int, max_epoch: int) -> None:
-    """``on_epoch_end``: the base's hook (it may change the prompts, so the text cache is dropped)."""
-    self.base.on_epoch_end(epoch, max_epoch)
-    self._text_cache = None
-
-
-def forward_attach_train_data(self, dataset, **kwargs) -> None:
-    """``attach_train_data``: handed to the base learner."""
-    self.base.attach_train_data(dataset, **kwargs)
-
-
-def forward_training_state_dict(self):
-    """``training_state_dict``: the base's resume state, or None when it keeps none."""
-    getter = getattr(self.base, "training_state_dict", None)
-    return getter() if callable(getter) else None
-
-
-def forward_load_training_state_dict(self, state) -> None:
-    """``load_training_state_dict``: restores the base's resume state (ignored when the base keeps none)."""
-    loader = getattr(self.base, "load_training_state_dict", None)
-    if callable(loader) and state is not None:
-        loader(state)
-
-
-def _base_state_includes_train_data(self) -> bool:
-    return bool(getattr(self.base, "training_state_includes_train_data", False))
-
-
-# ``training_state_includes_train_data`` of a plug-in: its base's (DAPT's prototypes come back from the checkpoint,
-# so a resumed CaPT-over-DAPT run must not rebuild them from the images either).
-forward_includes_train_data = property(_base_state_includes_train_data)
+    def set_classnames(self, classnames: Sequence[str]) -> None: ...
 
 
 def forwarding_backend(child: str = "base", clear: Sequence[str] = (), follow_child: bool = True) -> property:
@@ -220,34 +208,63 @@ def forwarding_backend(child: str = "base", clear: Sequence[str] = (), follow_ch
     return property(fget, fset, doc=f"Learner backend, shared with the wrapped {child} learner.")
 
 
-def build_base(
-    owner: str,
-    name: str,
-    clip_model: nn.Module,
-    classnames: Sequence[str],
-    base_config: Dict[str, Any],
-    tokenizer,
-    allowed: Sequence[str],
-):
-    """Create the base learner of a plug-in and check it speaks the protocol above."""
-    from fastprompt.learners.registry import create_learner
+class Plugin:
+    """A learner that holds a base learner (``self.base``) and adds its parts around it (DePT, CaPT).
 
-    if name not in allowed:
-        raise ValueError(f"{owner} does not support base learner {name!r}; choose one of {', '.join(allowed)}")
-    base = create_learner(name, clip_model, classnames, config=dict(base_config), tokenizer=tokenizer)
-    missing = [m for m in PROTOCOL if not hasattr(base, m)]
-    if missing:
-        raise TypeError(f"{owner}: base learner {name!r} lacks the plug-in hooks {missing}")
-    return base
+    The trainer hooks go to the base (PromptSRC's prompt aggregation, DAPT's prototypes and their resume state
+    live there), and one backend is shared by both. A subclass says what it needs of a base in
+    :meth:`base_unsupported`.
+    """
+
+    backend = forwarding_backend()
+
+    @classmethod
+    def base_unsupported(cls, base_class: type) -> Optional[str]:
+        """Why ``base_class`` cannot be this plug-in's base, or None (checked before the base is built)."""
+        return None
+
+    def build_base(self, name: str, clip_model: nn.Module, classnames: Sequence[str], base_config: Dict[str, Any]):
+        """Create the base learner ``name`` and check it declares what this plug-in needs (the
+        :class:`PluginBase` hooks, and :meth:`base_unsupported`)."""
+        owner = type(self).__name__
+        why = self.base_unsupported(get_learner_class(name))
+        if why:
+            raise ValueError(f"{owner} does not support base learner {name!r}: {why}")
+        base = create_learner(name, clip_model, classnames, config=dict(base_config), tokenizer=self.tokenizer)
+        if not isinstance(base, PluginBase):
+            missing = [m for m in PROTOCOL if not hasattr(base, m)]
+            raise ValueError(f"{owner} does not support base learner {name!r}: it lacks the plug-in hooks {missing}")
+        return base
+
+    def on_epoch_end(self, epoch: int, max_epoch: int) -> None:
+        """The base's hook (it may change the prompts, so the text cache is dropped)."""
+        self.base.on_epoch_end(epoch, max_epoch)
+        self._text_cache = None
+
+    def attach_train_data(self, dataset, **kwargs) -> None:
+        self.base.attach_train_data(dataset, **kwargs)
+
+    def training_state_dict(self):
+        """The base's resume state, or None when it keeps none."""
+        getter = getattr(self.base, "training_state_dict", None)
+        return getter() if callable(getter) else None
+
+    def load_training_state_dict(self, state) -> None:
+        """Restores the base's resume state (ignored when the base keeps none)."""
+        loader = getattr(self.base, "load_training_state_dict", None)
+        if callable(loader) and state is not None:
+            loader(state)
+
+    @property
+    def training_state_includes_train_data(self) -> bool:
+        """The base's (DAPT's prototypes come back from the checkpoint, so a resumed CaPT-over-DAPT run must not
+        rebuild them from the images either)."""
+        return bool(getattr(self.base, "training_state_includes_train_data", False))
 
 
 def with_dataset(base_name: str, base_config: Dict[str, Any], dataset: str) -> Dict[str, Any]:
     """Pass a plug-in's ``dataset`` option down to its base (and the base's base) when they take one and it
     was not given explicitly."""
-    from dataclasses import fields
-
-    from fastprompt.learners.registry import get_learner_class
-
     cfg = dict(base_config)
     names = {f.name for f in fields(get_learner_class(base_name).config_class)}
     if "dataset" in names and "dataset" not in cfg:
@@ -261,6 +278,4 @@ def with_dataset(base_name: str, base_config: Dict[str, Any], dataset: str) -> D
 
 def resolved_config(learner) -> Dict[str, Any]:
     """A learner's options as a plain dict, without ``backend`` (a plug-in sets one backend for all)."""
-    from dataclasses import asdict
-
     return {k: v for k, v in asdict(learner.config).items() if k != "backend"}

@@ -19,6 +19,8 @@ import random
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
+from PIL import Image
+from torchvision import transforms as T
 
 __all__ = ["mine_hard_negatives", "ImageLibrary", "default_train_transform", "FALLBACK_RANGES"]
 
@@ -105,8 +107,6 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def default_train_transform(size: int):
     """Dassl's CLIP training transform (random resized crop, bicubic, scale 0.08-1; flip; CLIP normalisation),
     which the CoOp+DPC sampler applies to the negative images. PIL image -> [3, size, size] float tensor."""
-    from torchvision import transforms as T
-
     return T.Compose([
         T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
@@ -116,8 +116,6 @@ def default_train_transform(size: int):
 
 
 def _pil_loader(path: str):
-    from PIL import Image
-
     with Image.open(path) as img:
         return img.convert("RGB")
 

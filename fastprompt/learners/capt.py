@@ -49,20 +49,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastprompt.classplan import clean_classnames
-from fastprompt.learners._common import PromptLearner, config_from
-from fastprompt.learners._family import (
-    build_base, forward_attach_train_data, forward_includes_train_data, forward_load_training_state_dict,
-    forward_on_epoch_end, forward_training_state_dict, forwarding_backend, resolved_config, with_dataset,
-)
+from fastprompt.learners._family import PROTOCOL, Plugin, resolved_config, with_dataset
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 from fastprompt.losses import MarginITMLoss, class_similarity
 from fastprompt.ops.condition import condition
 from fastprompt.templates import CUSTOM_TEMPLATES, format_prompts, template_for
 
-SUPPORTED_BASES = ("coop", "kgcoop", "prograd", "dapt", "dept")
 MODULES = ("mlp", "linear", "attn")  # TRAINER.UCP.MODULE
 
-# Official per-baseline settings (Koorye/CaPT configs/trainers/UCP*/ and train.py defaults).
+# Official per-baseline settings (Koorye/CaPT configs/trainers/UCP*/ and train.py defaults). Another base (any
+# learner whose class text takes a class shift) gets CoOp's settings: CaPT publishes none for it.
 CAPT_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "coop": {"scale": 0.5, "hidden_dim": 32, "dropout": 0.1, "smooth": 0.0031},
     "kgcoop": {"scale": 1.0, "hidden_dim": 32, "dropout": 0.0, "smooth": 0.001},
@@ -89,7 +86,7 @@ def _merge(defaults: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Any]:
 
 
 @dataclass
-class CaPTConfig:
+class CaPTConfig(LearnerConfig):
     """CaPT options (``TRAINER.UCP.*``); None takes the official value for the chosen base."""
 
     base: str = "coop"
@@ -102,7 +99,6 @@ class CaPTConfig:
     scale: Optional[float] = None  # SCALE on the TCI before the module (CoOp 0.5, DeCaPT 0.9, else 1.0)
     smooth: Optional[float] = None  # LOSS.SMOOTH, the margin epsilon (0.0031; KgCoOp 0.001; DeCaPT 0.0008)
     use_sim: bool = True  # LOSS.USE_SIM: S = TCI cosine similarities (False: all ones)
-    backend: Optional[str] = None
 
 
 @dataclass
@@ -192,7 +188,7 @@ class ClassAttention(nn.Module):
 
 
 @register_learner("capt")
-class CaPT(PromptLearner):
+class CaPT(Plugin, PromptLearner):
     """CaPT over ``config.base``. ``forward(images) -> logits [B, C]``; ``compute_loss`` uses margin-ITM.
 
     Trainable: the base's tensors (``base.*``) and the conditioning network ``transfer``: "mlp": ``down`` [H, E] +
@@ -201,29 +197,45 @@ class CaPT(PromptLearner):
     """
 
     config_class = CaPTConfig
-    backend = forwarding_backend()
+    training_defaults = {"epochs": 10, "batch_size": 4, "lr": 0.0035}
+    tiny_setup = {}
+
+    @classmethod
+    def bench_setup(cls, classnames, dataset="imagenet", tasks=2):
+        return list(classnames), {"dataset": dataset}  # its hand-crafted template
+
+    @classmethod
+    def base_unsupported(cls, base_class: type):
+        """A base with the plug-in hooks whose class text takes a per-class shift and does not depend on the
+        image (CaPT's offsets go on each class's context)."""
+        missing = [m for m in PROTOCOL + ("image_conditional",) if not hasattr(base_class, m)]
+        if missing:
+            return f"it lacks the plug-in hooks {missing}"
+        if not base_class.accepts_class_shift:
+            return "it does not declare accepts_class_shift (a class_text_features that takes a class shift)"
+        if base_class.image_conditional is True:  # a plug-in's depends on its own base: checked once built
+            return "its prompts depend on the image"
+        return None
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(self.config_class, config, kwargs)
-        if config.base not in CAPT_DEFAULTS:
-            raise ValueError(f"CaPT does not support base learner {config.base!r}; choose one of {', '.join(SUPPORTED_BASES)}")
+        config = self.config_class.build(config, kwargs)
         if not isinstance(config.base_config, dict):
             raise TypeError(f"base_config must be a dict of the base learner's options, got {type(config.base_config).__name__}")
         if config.module not in MODULES:
             raise ValueError(f"unknown CaPT module {config.module!r}; choose one of {', '.join(MODULES)}")
         if config.template is not None and "{}" not in config.template:
             raise ValueError(f"template {config.template!r} has no '{{}}' slot for the class name")
-        resolved = {k: (getattr(config, k) if getattr(config, k) is not None else v) for k, v in CAPT_DEFAULTS[config.base].items()}
+        resolved = {k: (getattr(config, k) if getattr(config, k) is not None else v) for k, v in CAPT_DEFAULTS.get(config.base, CAPT_DEFAULTS["coop"]).items()}
         config = replace(config, **resolved)  # saved resolved, so a reload does not depend on these tables
         if config.hidden_dim < 1 or not 0.0 <= config.dropout < 1.0 or config.smooth < 0:
             raise ValueError(f"need hidden_dim >= 1, 0 <= dropout < 1, smooth >= 0; got {config.hidden_dim}, {config.dropout}, {config.smooth}")
         names = clean_classnames(classnames)
         super().__init__(clip_model, names, config, tokenizer)
-        base_cfg = with_dataset(config.base, _merge(BASE_DEFAULTS[config.base], config.base_config), config.dataset)
+        base_cfg = with_dataset(config.base, _merge(BASE_DEFAULTS.get(config.base, {}), config.base_config), config.dataset)
         base_cfg["backend"] = config.backend  # one backend for the whole learner
-        self.base = build_base("CaPT", config.base, clip_model, names, base_cfg, self.tokenizer, SUPPORTED_BASES)
+        self.base = self.build_base(config.base, clip_model, names, base_cfg)
         if self.base.image_conditional:
-            raise ValueError(f"CaPT needs a base whose prompts do not depend on the image, got {config.base!r}")
+            raise ValueError(f"CaPT does not support base learner {config.base!r}: its prompts depend on the image")
         self.backend = self.base.backend
         # Record the base's resolved options (e.g. DePT's head classes), so a reload rebuilds the same base.
         self.config = replace(self.config, base_config=resolved_config(self.base))
@@ -241,14 +253,6 @@ class CaPT(PromptLearner):
     @property
     def template(self) -> str:
         return self.config.template or template_for(self.config.dataset or "", CUSTOM_TEMPLATES)
-
-    # ------------------------------------------------------------------ trainer hooks, passed to the base
-    # (PromptSRC's prompt aggregation, DAPT's prototypes, and their resume state live in the base learner.)
-    on_epoch_end = forward_on_epoch_end
-    attach_train_data = forward_attach_train_data
-    training_state_dict = forward_training_state_dict
-    load_training_state_dict = forward_load_training_state_dict
-    training_state_includes_train_data = forward_includes_train_data
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Switch the class list: the base's class parts, the TCI and the similarity matrix are rebuilt."""
@@ -329,3 +333,5 @@ class DeCaPT(CaPT):
     W 1.5, head lr x 18). Same class as CaPT with ``base="dept"``; registered under its own name."""
 
     config_class = DeCaPTConfig
+    # CaPT's configs; the head / FiLM learning-rate multiplier (x18) is in the learner
+    training_defaults = {"epochs": 10, "batch_size": 4, "lr": 0.0035}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -16,20 +16,21 @@ import torch.nn.functional as F
 
 from fastprompt.classplan import build_class_plan, clean_classnames
 from fastprompt.encoders.prompted_text import PromptedTextEncoder
-from fastprompt.learners._common import PromptLearner, config_from, context_init, plan_kwargs
+from fastprompt.learners._common import context_init, plan_kwargs
+from fastprompt.learners._family import itm_logits
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 from fastprompt.ops.condition import condition
 
 
 @dataclass
-class CoCoOpConfig:
+class CoCoOpConfig(LearnerConfig):
     """Official base-to-new config: 4 context tokens initialised from "a photo of a"."""
 
     n_ctx: int = 4
     ctx_init: str = "a photo of a"
     init_std: float = 0.02
     meta_net_reduction: int = 16  # hidden width = vis_dim // 16
-    backend: Optional[str] = None
 
 
 @register_learner("cocoop")
@@ -39,12 +40,14 @@ class CoCoOp(PromptLearner):
 
     method = "cocoop"
     config_class = CoCoOpConfig
+    training_defaults = {"epochs": 10, "batch_size": 1, "lr": 0.002}
+    tiny_setup = {"n_ctx": 2}
     image_conditional = True  # plug-in protocol (fastprompt/learners/_family.py): text features are [B, C, E]
     image_features_frozen = True  # logits see images only through encode_images (feature store)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(CoCoOpConfig, config, kwargs)
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         vectors, self.prompt_prefix, self.n_ctx = context_init(
             self.tower, self.tokenizer, config.ctx_init, config.n_ctx, False, 1, config.init_std
         )
@@ -133,8 +136,6 @@ class CoCoOp(PromptLearner):
 
     def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v [B, E], t [B, C, E] (unnormalised) -> [B, C] = logit_scale * cos, per image."""
-        from fastprompt.learners._family import itm_logits
-
         return itm_logits(self.logit_scale, v, t)
 
     def loss_from_features(self, v, t, labels, itm_loss=None, params=None):

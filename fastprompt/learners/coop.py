@@ -11,12 +11,15 @@ import torch.nn.functional as F
 
 from fastprompt.classplan import CLASS_POSITIONS, build_class_plan, clean_classnames
 from fastprompt.encoders.prompted_text import PromptedTextEncoder
-from fastprompt.learners._common import PromptLearner, config_from, context_init, plan_kwargs
+from fastprompt.learners._common import context_init, plan_kwargs
+from fastprompt.learners._family import check_shift, unified_fast_text, unified_reference_text
+from fastprompt.learners._family import itm_logits
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 
 
 @dataclass
-class CoOpConfig:
+class CoOpConfig(LearnerConfig):
     """Options named after CoOp's ``TRAINER.COOP.*`` keys, lower-cased (official defaults)."""
 
     n_ctx: int = 16
@@ -24,7 +27,11 @@ class CoOpConfig:
     csc: bool = False  # class-specific contexts
     class_token_position: str = "end"  # "end" | "middle" | "front"
     init_std: float = 0.02
-    backend: Optional[str] = None  # None: FASTPROMPT_BACKEND or "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.class_token_position not in CLASS_POSITIONS:
+            raise ValueError(f"class_token_position must be one of {CLASS_POSITIONS}")
 
 
 @register_learner("coop")
@@ -34,14 +41,15 @@ class CoOp(PromptLearner):
 
     method = "coop"
     config_class = CoOpConfig
+    training_defaults = {"epochs": None, "batch_size": 32, "lr": 0.002}  # few-shot: 50/100/200 epochs by shots
+    tiny_setup = {"n_ctx": 2}
     image_conditional = False  # plug-in protocol (fastprompt/learners/_family.py)
     image_features_frozen = True  # logits see images only through encode_images (feature store)
+    accepts_class_shift = True  # "end" position only
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(CoOpConfig, config, kwargs)
-        if config.class_token_position not in CLASS_POSITIONS:
-            raise ValueError(f"class_token_position must be one of {CLASS_POSITIONS}")
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         names = clean_classnames(classnames)
         csc = config.csc
         if config.ctx_init and csc:
@@ -146,8 +154,6 @@ class CoOp(PromptLearner):
         ``class_shift`` [C, D] (CaPT) is added to every context token of class c, as the CaPT code adds its
         class offsets to the expanded context; only the "end" position is supported there, as upstream.
         """
-        from fastprompt.learners._family import check_shift, unified_fast_text, unified_reference_text
-
         if class_shift is None:
             if self.uses_reference:
                 return self._reference_text()
@@ -170,8 +176,6 @@ class CoOp(PromptLearner):
 
     def logits_from_features(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v [B, E], t [C, E] (unnormalised) -> [B, C] = logit_scale * cos."""
-        from fastprompt.learners._family import itm_logits
-
         return itm_logits(self.logit_scale, v, t)
 
     def loss_from_features(self, v, t, labels, itm_loss=None, params=None):

@@ -18,22 +18,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
+import open_clip
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
-from fastprompt.learners._common import PromptLearner, config_from
+from fastprompt.encoders.prompted_vision import PromptedVisionEncoder
 from fastprompt.learners._deep_prompts import (
     build_text_encoder, check_images, cosine_logits, deep_text_features, official_context_init, visual_width,
 )
 from fastprompt.learners._family import itm_logits
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 
 
+# DAPT's own few-shot scripts (mlvlab/DAPT configs/trainers/DAPT/vit_b16*.yaml, configs/datasets/*.yaml,
+# scripts/main.sh): batch 32, 50 / 100 / 200 epochs by shots as CoOp (ImageNet 50), and a per-dataset lr and
+# VIS_BETA / TXT_BETA. A dataset outside that table gets lr 0.002 (CoOp's; DAPT has no generic value).
+DAPT_LR: Dict[str, float] = {
+    "caltech101": 0.2, "dtd": 20.0, "eurosat": 20.0, "fgvc_aircraft": 2.0, "food101": 20.0, "imagenet": 2.0,
+    "oxford_flowers": 0.002, "oxford_pets": 0.02, "stanford_cars": 0.002, "sun397": 20.0, "ucf101": 20.0,
+}
+DAPT_BETAS: Dict[str, Dict[str, float]] = {
+    "caltech101": {"vis_beta": 10.0, "txt_beta": 0.01}, "dtd": {"vis_beta": 100.0, "txt_beta": 0.01},
+    "eurosat": {"vis_beta": 100.0, "txt_beta": 10.0}, "fgvc_aircraft": {"vis_beta": 100.0, "txt_beta": 0.01},
+    "food101": {"vis_beta": 10.0, "txt_beta": 0.01}, "imagenet": {"vis_beta": 0.01, "txt_beta": 0.01},
+    "oxford_flowers": {"vis_beta": 10.0, "txt_beta": 0.01}, "oxford_pets": {"vis_beta": 10.0, "txt_beta": 0.1},
+    "stanford_cars": {"vis_beta": 100.0, "txt_beta": 0.1}, "sun397": {"vis_beta": 100.0, "txt_beta": 0.01},
+    "ucf101": {"vis_beta": 0.1, "txt_beta": 0.1},
+}
+
 @dataclass
-class DAPTConfig:
+class DAPTConfig(LearnerConfig):
     """``TRAINER.DAPT.*`` of the official ``train.py``, lower-cased."""
 
     vis_num_tokens: int = 16
@@ -43,7 +62,13 @@ class DAPTConfig:
     txt_rbf_t: float = 2.0
     txt_beta: float = 0.1
     init_std: float = 0.02
-    backend: Optional[str] = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.vis_num_tokens < 1 or self.txt_num_tokens < 1:
+            raise ValueError(f"vis_num_tokens and txt_num_tokens must be >= 1, got {self.vis_num_tokens}, {self.txt_num_tokens}")
+        if not 0.0 <= self.vis_dropout < 1.0:
+            raise ValueError(f"vis_dropout must be in [0, 1), got {self.vis_dropout}")
 
 
 @register_learner("dapt")
@@ -54,15 +79,24 @@ class DAPT(PromptLearner):
 
     method = "dapt"
     config_class = DAPTConfig
+    # Few-shot (subsample "all") from DAPT's repo; base-to-new (subsample base/new) from CaPT's DAPT baseline
+    # (UCPDAPT: batch 4, lr 0.0035, 10 epochs, the learner's default betas).
+    training_defaults = {"epochs": None, "batch_size": 32, "lr": 0.002, "lr_by_dataset": DAPT_LR,
+                         "learner_by_dataset": DAPT_BETAS, "base2new": {"epochs": 10, "batch_size": 4, "lr": 0.0035}}
+    tiny_setup = {"vis_num_tokens": 2, "txt_num_tokens": 2}
+    tiny_needs_data = True  # the class prototypes
+
+    def bench_prepare(self, generator: torch.Generator) -> None:
+        """Random unit prototypes (the benchmark has no images to average)."""
+        E = int(self.clip.visual.output_dim)
+        protos = F.normalize(torch.randn(len(self.classnames), E, generator=generator), dim=-1)
+        self.set_prototypes(protos.to(self.txt_ctx.device))
     image_conditional = False  # plug-in protocol (fastprompt/learners/_family.py)
+    accepts_class_shift = True
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(DAPTConfig, config, kwargs)
-        if config.vis_num_tokens < 1 or config.txt_num_tokens < 1:
-            raise ValueError(f"vis_num_tokens and txt_num_tokens must be >= 1, got {config.vis_num_tokens}, {config.txt_num_tokens}")
-        if not 0.0 <= config.vis_dropout < 1.0:
-            raise ValueError(f"vis_dropout must be in [0, 1), got {config.vis_dropout}")
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         visual = self.clip.visual
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
             raise ValueError("DAPT's visual prompts need a ViT that pools the CLS token (pool_type 'tok')")
@@ -132,8 +166,6 @@ class DAPT(PromptLearner):
         frozen image tower. ``transform`` maps a PIL image to a [3, H, W] tensor (default: open_clip's
         evaluation transform for this tower; the official code draws one augmented view with the training
         transform)."""
-        from PIL import Image
-
         items = getattr(dataset, "train_x", None)
         if not items:
             raise ValueError("DAPT needs a dataset with training images (DatasetSplits.train_x) for its prototypes")
@@ -173,8 +205,6 @@ class DAPT(PromptLearner):
         module tree (it only views ``self.clip.visual``, so it adds no parameters or state-dict keys)."""
         enc = self.__dict__.get("_dapt_vision")
         if enc is None or enc.visual is not self.clip.visual:
-            from fastprompt.encoders.prompted_vision import PromptedVisionEncoder
-
             enc = PromptedVisionEncoder(self.clip.visual, "after_cls", after_ln_pre=True)
             object.__setattr__(self, "_dapt_vision", enc)
         return enc
@@ -229,8 +259,6 @@ class DAPT(PromptLearner):
 
 
 def _default_transform(visual):
-    import open_clip
-
     size = getattr(visual, "image_size", 224)
     mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD

@@ -30,20 +30,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastprompt.classplan import clean_classnames
-from fastprompt.learners._common import PromptLearner, config_from
-from fastprompt.learners._family import (
-    build_base, forward_attach_train_data, forward_includes_train_data, forward_load_training_state_dict,
-    forward_on_epoch_end, forward_training_state_dict, forwarding_backend, resolved_config,
-)
+from fastprompt.learners._family import PROTOCOL, Plugin, resolved_config
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 
 # DePT's per-baseline settings (DePT's configs/trainers/*; ``docs/methods/dept.md``): KgCoOp runs with W = 2.0 there.
 BASE_DEFAULTS: Dict[str, Dict[str, Any]] = {"coop": {}, "cocoop": {}, "kgcoop": {"w": 2.0}, "prograd": {}}
-SUPPORTED_BASES = ("coop", "cocoop", "kgcoop", "prograd", "maple", "promptsrc")
 
 
 @dataclass
-class DePTConfig:
+class DePTConfig(LearnerConfig):
     """Official DePT defaults (``LINEAR_PROBE.WEIGHT=0.7``, ``LR_EXP=6.5``, ``TEST_TIME_FUSION=True``)."""
 
     base: str = "coop"  # the base learner's registered name
@@ -52,7 +48,15 @@ class DePTConfig:
     head_lr_mult: float = 6.5  # learning-rate multiplier of the CAT head and FiLM (DeCaPT: 18)
     test_time_fusion: bool = True  # False: the head's logits alone on its classes
     head_classnames: Optional[List[str]] = None  # classes of the linear head (default: the classes at build)
-    backend: Optional[str] = None
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.cls_weight <= 1.0:
+            raise ValueError(f"cls_weight must be in [0, 1], got {self.cls_weight}")
+        if self.head_lr_mult <= 0:
+            raise ValueError(f"head_lr_mult must be > 0, got {self.head_lr_mult}")
+        if not isinstance(self.base_config, dict):
+            raise TypeError(f"base_config must be a dict of the base learner's options, got {type(self.base_config).__name__}")
 
 
 class FiLM(nn.Module):
@@ -68,7 +72,7 @@ class FiLM(nn.Module):
 
 
 @register_learner("dept")
-class DePT(PromptLearner):
+class DePT(Plugin, PromptLearner):
     """DePT over ``config.base``. ``forward(images) -> logits [B, C]``; ``compute_loss`` is the DePT objective.
 
     Trainable: the base's tensors (``base.*``), ``film_text.{scale,bias}`` [E], ``film_img.{scale,bias}`` [E],
@@ -76,23 +80,30 @@ class DePT(PromptLearner):
     """
 
     config_class = DePTConfig
-    backend = forwarding_backend()
+    training_defaults = {"epochs": 10, "batch_size": 4, "lr": 0.0035}
+    tiny_setup = {"base_config": {"n_ctx": 2}}
+
+    accepts_class_shift = True  # handed to its base (CaPT over DePT)
+
+    @classmethod
+    def base_unsupported(cls, base_class: type):
+        """Any learner with the plug-in hooks, except a plug-in (DePT's head goes on a prompt learner)."""
+        missing = [m for m in PROTOCOL + ("image_conditional",) if not hasattr(base_class, m)]
+        if missing:
+            return f"it lacks the plug-in hooks {missing}"
+        if issubclass(base_class, Plugin):
+            return "it is a plug-in itself"
+        return None
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(DePTConfig, config, kwargs)
-        if not 0.0 <= config.cls_weight <= 1.0:
-            raise ValueError(f"cls_weight must be in [0, 1], got {config.cls_weight}")
-        if config.head_lr_mult <= 0:
-            raise ValueError(f"head_lr_mult must be > 0, got {config.head_lr_mult}")
-        if not isinstance(config.base_config, dict):
-            raise TypeError(f"base_config must be a dict of the base learner's options, got {type(config.base_config).__name__}")
+        config = DePTConfig.build(config, kwargs)
         names = clean_classnames(classnames)
         head_names = clean_classnames(config.head_classnames) if config.head_classnames is not None else names
         config = replace(config, head_classnames=list(head_names))  # saved, so a reload rebuilds the same head
         super().__init__(clip_model, names, config, tokenizer)
         base_cfg = {**BASE_DEFAULTS.get(config.base, {}), **config.base_config}
         base_cfg["backend"] = config.backend  # one backend for the whole learner
-        self.base = build_base("DePT", config.base, clip_model, names, base_cfg, self.tokenizer, SUPPORTED_BASES)
+        self.base = self.build_base(config.base, clip_model, names, base_cfg)
         self.backend = self.base.backend
         # Record the base's resolved options (e.g. DePT's head classes), so a reload rebuilds the same base.
         self.config = replace(self.config, base_config=resolved_config(self.base))
@@ -104,14 +115,6 @@ class DePT(PromptLearner):
         self.head = nn.Linear(dim, len(head_names)).to(device=device, dtype=self.dtype)
         self.head_classnames = list(head_names)
         self.set_classnames(names)
-
-    # ------------------------------------------------------------------ trainer hooks, passed to the base
-    # (PromptSRC's prompt aggregation, DAPT's prototypes, and their resume state live in the base learner.)
-    on_epoch_end = forward_on_epoch_end
-    attach_train_data = forward_attach_train_data
-    training_state_dict = forward_training_state_dict
-    load_training_state_dict = forward_load_training_state_dict
-    training_state_includes_train_data = forward_includes_train_data
 
     # ------------------------------------------------------------------ classes
     def set_classnames(self, classnames: Sequence[str], use_head: Optional[bool] = None) -> None:

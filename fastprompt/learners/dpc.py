@@ -51,10 +51,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastprompt.learners._common import PromptLearner, config_from
+from fastprompt.learners._common import read_pretrained
+from fastprompt.learners._dpc_hooks import make_hooks
 from fastprompt.learners._family import forwarding_backend
-from fastprompt.learners._hard_negatives import FALLBACK_RANGES, ImageLibrary, default_train_transform, mine_hard_negatives
-from fastprompt.learners._dpc_hooks import PromptKDHooks, _CoOpHooks, make_hooks
+from fastprompt.learners._hard_negatives import FALLBACK_RANGES, ImageLibrary, mine_hard_negatives
+from fastprompt.learners.base import LearnerConfig, PromptLearner
+from fastprompt.learners.pretrained import from_pretrained
 from fastprompt.learners.promptkd import PromptKD
 from fastprompt.learners.registry import create_learner, register_learner
 
@@ -62,7 +64,7 @@ MODES = ("official", "paper", "simple", "void")
 
 
 @dataclass
-class DPCConfig:
+class DPCConfig(LearnerConfig):
     """``cfg.SPLE.*`` of the CoOp+DPC configs (``vit_b16_ep20``: K=8, w_b=0.5, w_n=0).
 
     ``train.py``'s own default for ``WEIGHT_FOR_NEW`` is 0.2, but every shipped CoOp config and the README
@@ -79,7 +81,6 @@ class DPCConfig:
     # (sple_promptkd.py for a PromptKD backbone, sple_coop.py otherwise)
     fallback: Optional[str] = None
     seed: Optional[int] = None  # seed of the sampler's random source (fallback draws, image choice)
-    backend: Optional[str] = None
 
 
 class DPCBatch(NamedTuple):
@@ -112,11 +113,24 @@ class DPC(PromptLearner):
 
     method = "dpc"
     config_class = DPCConfig
+    training_defaults = {"epochs": 20, "batch_size": 4, "lr": 0.002}
+    tiny_setup = {"top_k": 2, "seed": 0, "backbone_config": {"n_ctx": 2}}
+    tiny_needs_data = True  # the hard-negative image library
+
+    @classmethod
+    def bench_setup(cls, classnames, dataset="imagenet", tasks=2):
+        return list(classnames), {"top_k": min(8, len(classnames) - 1)}  # the official K, bounded by the classes
+
+    def bench_prepare(self, generator: torch.Generator) -> None:
+        """Two in-memory images per class, drawn on the CPU as a loader would deliver them."""
+        size = self.clip.visual.image_size
+        px = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.set_library({c: torch.randn(2, 3, px, px, generator=generator) for c in range(len(self.classnames))})
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None,
                  backbone_learner: Optional[PromptLearner] = None, library: Optional[ImageLibrary] = None,
                  transform: Optional[Callable] = None, load_image: Optional[Callable] = None, **kwargs):
-        config = config_from(DPCConfig, config, kwargs)
+        config = DPCConfig.build(config, kwargs)
         if backbone_learner is not None:
             config = dataclasses.replace(config, backbone=backbone_learner.method,
                                          backbone_config=dataclasses.asdict(backbone_learner.config))
@@ -149,14 +163,10 @@ class DPC(PromptLearner):
         # SPLE_INIT: P' starts equal to P; in official / simple mode the stored M = w_b P + (1 - w_b) P is P too.
         # void: the released learner never loads P into the trained tensor; it starts from the backbone's own
         # initialisation (a fresh backbone of the same config, drawn from the current torch RNG).
-        if isinstance(self.hooks, PromptKDHooks):
-            if config.mode not in ("official", "paper"):
-                raise ValueError(f"DPC over PromptKD supports mode 'official' or 'paper', got {config.mode!r}")
-            init = dict(named)
-            if config.mode == "official":
-                init.update(_official_promptkd_fresh(self.backbone, self.hooks.fresh_in_official, config.seed))
-        else:
-            init = named if config.mode != "void" else dict(_fresh_backbone(self.backbone).named_parameters())
+        if config.mode not in self.hooks.modes:
+            raise ValueError(f"DPC over {config.backbone} supports mode {' or '.join(map(repr, self.hooks.modes))}, "
+                             f"got {config.mode!r}")
+        init = self.hooks.initial_prompts(config.mode, config.seed)
         store = nn.ParameterDict({_key(n): nn.Parameter(init[n].detach().clone()) for n in self.prompt_names})
         self.store_name = "mixed" if config.mode in ("official", "simple") else "parallel"
         setattr(self, self.store_name, store)
@@ -186,9 +196,6 @@ class DPC(PromptLearner):
             backbone = type(source)(source.clip, names, config=source.config, tokenizer=source.tokenizer, **extra)
             backbone.load_trainable_state_dict(source.trainable_state_dict())
         elif isinstance(source, str):
-            from fastprompt.learners._common import read_pretrained
-            from fastprompt.learners.pretrained import from_pretrained
-
             if teacher_clip is not None and read_pretrained(source).get("method") == PromptKD.method:
                 backbone = PromptKD.from_pretrained(source, clip_model, teacher_clip=teacher_clip,
                                                     classnames=classnames, tokenizer=tokenizer)
@@ -288,14 +295,14 @@ class DPC(PromptLearner):
     @property
     def image_features_frozen(self) -> bool:
         """True over CoOp: the image side is the backbone's frozen, unprompted encoder (feature store)."""
-        return isinstance(self.hooks, _CoOpHooks)
+        return self.hooks.image_features_frozen
 
     def logits_from_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """[B, E] as ``encode_images`` returns them -> logits [B, C] (over CoOp only: ``forward``'s rest)."""
         if not self.image_features_frozen:
             raise TypeError(f"DPC over {self.config.backbone} prompts its image side; it needs the images")
         prompts = self.inference_prompts()
-        image_features = F.normalize(image_features, dim=-1)  # what _CoOpHooks.image_features returns
+        image_features = F.normalize(image_features, dim=-1)  # what the CoOp hooks' image_features returns
         text = self.cached_text_features(lambda: self.text_features(prompts))
         return self.logit_scale * image_features.to(text.dtype) @ text.t()
 
@@ -323,14 +330,7 @@ class DPC(PromptLearner):
         transform = transform or self._transform
         load_image = load_image or self._load_image
         if transform is None:
-            size = getattr(self.clip.visual, "image_size", 224)
-            size = size[0] if isinstance(size, (tuple, list)) else int(size)
-            if isinstance(self.hooks, PromptKDHooks):  # sple_promptkd.py reads negatives with the test transform
-                from fastprompt.datasets.loader import clip_transforms
-
-                transform = clip_transforms(size, train=False)
-            else:
-                transform = default_train_transform(size)
+            transform = self.hooks.library_transform(self.clip)
         self.library = ImageLibrary.from_dataset(dataset, transform, load_image)
 
     def set_library(self, library) -> None:
@@ -421,9 +421,7 @@ class DPC(PromptLearner):
         (``head.*``: teacher image prompts, the head's BN statistics) and DPC's own BN statistics (``buffers.*``)."""
         out = super().trainable_state_dict()
         out.update({f"tuned.{n}": t.detach() for n, t in self.tuned_prompts().items()})
-        if isinstance(self.hooks, PromptKDHooks):
-            out.update({f"head.{k}": v for k, v in self.backbone.trainable_state_dict().items() if k not in self.prompt_names})
-            out.update({f"buffers.{n}": b.detach() for n, b in self.bn_buffers().items()})
+        out.update(self.hooks.extra_state(self))
         return out
 
     def load_trainable_state_dict(self, tensors: Dict[str, torch.Tensor]) -> None:
@@ -434,48 +432,10 @@ class DPC(PromptLearner):
         for n, v in tuned.items():
             if P[n].shape != v.shape:
                 raise ValueError(f"tuned.{n}: stored shape {tuple(v.shape)} != {tuple(P[n].shape)}")
-        if isinstance(self.hooks, PromptKDHooks):
-            # the backbone is frozen here, so its own loader takes the teacher's tensors and the BN statistics
-            # (it checks their names and shapes); the student's P is copied directly
-            head = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
-            self.backbone.load_trainable_state_dict({**head, **{n: v for n, v in tuned.items() if n.startswith("teacher.")}})
-            with torch.no_grad():
-                for n, v in tuned.items():
-                    if not n.startswith("teacher."):
-                        P[n].copy_(v)
-            own = self.bn_buffers()
-            got = {k[len("buffers."):]: v for k, v in tensors.items() if k.startswith("buffers.")}
-            if sorted(got) != sorted(own):
-                raise ValueError(f"DPC adapter must hold buffers.{sorted(own)}, got buffers.{sorted(got)}")
-            with torch.no_grad():
-                for n, v in got.items():
-                    own[n].copy_(v)
-        else:
-            with torch.no_grad():
-                for n, v in tuned.items():
-                    P[n].copy_(v)
+        self.hooks.load_state(self, tensors, tuned)
         super().load_trainable_state_dict(
             {k: v for k, v in tensors.items() if not k.startswith(("tuned.", "head.", "buffers."))})
         self._text_cache = self._head_cache = None
-
-
-def _official_promptkd_fresh(backbone, names: Sequence[str], seed: Optional[int]) -> Dict[str, torch.Tensor]:
-    """The released PromptKD+DPC start of the deep prompts that its list re-assignment fails to load: N(0, std^2)
-    (student ``init_std`` for ``vpt_deep.*``, the teacher's for its ``text_deep.*``), from a generator seeded
-    with ``seed`` (the global torch RNG when None)."""
-    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-    named = dict(backbone.named_parameters())
-    out = {}
-    for n in names:
-        std = backbone.teacher.config.init_std if n.startswith("teacher.") else backbone.config.init_std
-        t = named[n]
-        out[n] = torch.empty(t.shape, dtype=t.dtype).normal_(0.0, float(std), generator=gen).to(t.device)
-    return out
-
-
-def _fresh_backbone(backbone: PromptLearner) -> PromptLearner:
-    """A newly initialised learner of the backbone's method and config (``void`` mode's starting point)."""
-    return type(backbone)(backbone.clip, backbone.classnames, config=backbone.config, tokenizer=backbone.tokenizer)
 
 
 def _key(name: str) -> str:

@@ -12,24 +12,21 @@ SGD lr 0.0035, batch 4, 5 epochs. Loss: cross-entropy only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from fastprompt.learners._common import PromptLearner, config_from
 from fastprompt.learners._deep_prompts import (
-    IndependentPrompts, independent_class_text_features, prompted_image_features, set_independent_classnames,
-    unnormalized_text_features,
+    IndependentPromptLearner, IndependentPrompts, prompted_image_features,
 )
-from fastprompt.learners._family import (
-    ce_loss_from_features, cosine_forward, itm_logits_from_features, normalized_class_text,
-)
+from fastprompt.learners._family import CosineClassifier
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 
 
 @dataclass
-class IVLPConfig:
+class IVLPConfig(LearnerConfig):
     """``TRAINER.IVLP.*``, lower-cased (official base-to-new defaults)."""
 
     n_ctx_text: int = 2
@@ -38,11 +35,10 @@ class IVLPConfig:
     prompt_depth_text: int = 12  # >= 1
     prompt_depth_vision: int = 12  # 0 = no vision prompts
     init_std: float = 0.02
-    backend: Optional[str] = None
 
 
 @register_learner("ivlp")
-class IVLP(PromptLearner):
+class IVLP(IndependentPromptLearner, CosineClassifier, PromptLearner):
     """IVLP learner. ``forward(images [B, 3, H, W]) -> logits [B, C]``.
 
     Trainable (under ``prompts``): ``ctx`` [Mt, Dt], ``text_deep`` (depth_text-1) x [Mt, Dt], ``vpt``
@@ -52,24 +48,19 @@ class IVLP(PromptLearner):
 
     method = "ivlp"
     config_class = IVLPConfig
+    training_defaults = {"epochs": 5, "batch_size": 4, "lr": 0.0035}  # IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml
+    tiny_setup = {"prompt_depth_text": 2, "prompt_depth_vision": 2}
     image_conditional = False  # plug-in protocol (fastprompt/learners/_family.py)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(IVLPConfig, config, kwargs)
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         self.prompts = IndependentPrompts.from_config(self, config)
         self.set_classnames(classnames)
 
-    # The methods shared with MaPLe / PromptSRC / the CoOp family (_deep_prompts.py, _family.py).
-    set_classnames = set_independent_classnames
-    text_features = unnormalized_text_features  # -> [C, E] unnormalised; class_idx [K] -> [K, E]
-    class_text_features = independent_class_text_features  # -> [C, E]; class_shift [C, Dt] (CaPT)
-    logits_from_features = itm_logits_from_features  # v [B, E], t [C, E] -> [B, C] = logit_scale * cos
-    loss_from_features = ce_loss_from_features  # cross-entropy (or itm_loss) on the logits
-
+    # set_classnames, text_features, class_text_features: IndependentPromptLearner; logits, loss, encode_text,
+    # forward: CosineClassifier.
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, E] unnormalised prompted image features."""
         return prompted_image_features(self, images, self.prompts.vision_prompts())
 
-    encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
-    forward = cosine_forward  # images [B, 3, H, W] -> logits [B, C]

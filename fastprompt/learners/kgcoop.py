@@ -21,19 +21,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastprompt.learners._common import PromptLearner, config_from, context_init
-from fastprompt.learners._family import (
-    cosine_forward, cosine_logits_from_image_features, features_compute_loss, frozen_image_features,
-    itm_logits_from_features, normalized_class_text,
-    rebuild_unified_prompts, unified_class_text_features,
-)
+from fastprompt.learners._common import context_init
+from fastprompt.learners._family import UnifiedContext, rebuild_unified_prompts
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 from fastprompt.losses import knowledge_guidance_score
 from fastprompt.templates import KGCOOP_TEMPLATES, template_for
 
 
 @dataclass
-class KgCoOpConfig:
+class KgCoOpConfig(LearnerConfig):
     """Official KgCoOp base-to-new defaults (``vit_b16_ep100_ctxv1`` + scripts: NCTX=4, W=8.0)."""
 
     n_ctx: int = 4
@@ -42,25 +39,33 @@ class KgCoOpConfig:
     dataset: str = ""  # picks the template in KGCOOP_TEMPLATES ("" or unknown: "a photo of a {}.")
     template: Optional[str] = None  # overrides the dataset's template, e.g. "a photo of a {}, a type of pet."
     init_std: float = 0.02
-    backend: Optional[str] = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.w < 0:
+            raise ValueError(f"w must be >= 0, got {self.w}")
+        if self.template is not None and "{}" not in self.template:
+            raise ValueError(f"template {self.template!r} has no '{{}}' slot for the class name")
 
 
 @register_learner("kgcoop")
-class KgCoOp(PromptLearner):
+class KgCoOp(UnifiedContext, PromptLearner):
     """KgCoOp learner. ``forward(images [B, 3, H, W]) -> logits [B, C]``; ``compute_loss`` adds the knowledge
     guidance. Trainable: ``ctx`` [M, D] only. Buffer ``template_features`` [C, E] (normalised, frozen)."""
 
     config_class = KgCoOpConfig
+    training_defaults = {"epochs": 100, "batch_size": 128, "lr": 0.002}
+    tiny_setup = {}
+
+    @classmethod
+    def bench_setup(cls, classnames, dataset="imagenet", tasks=2):
+        return list(classnames), {"dataset": dataset}  # its hand-crafted template
     image_conditional = False
     image_features_frozen = True  # logits see images only through encode_images (feature store)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(KgCoOpConfig, config, kwargs)
-        if config.w < 0:
-            raise ValueError(f"w must be >= 0, got {config.w}")
-        if config.template is not None and "{}" not in config.template:
-            raise ValueError(f"template {config.template!r} has no '{{}}' slot for the class name")
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         vectors, self.prompt_prefix, self.n_ctx = context_init(
             self.tower, self.tokenizer, config.ctx_init, config.n_ctx, False, 1, config.init_std
         )
@@ -76,10 +81,7 @@ class KgCoOp(PromptLearner):
         self.register_buffer("template_features", rebuild_unified_prompts(self, classnames, self.template), persistent=False)
 
     # ------------------------------------------------------------------ plug-in protocol (see _family.py)
-    # The methods shared with the other CoOp-like learners are the functions of _family.py.
-    image_features = frozen_image_features  # -> [B, E] unnormalised frozen features
-    class_text_features = unified_class_text_features  # -> [C, E] unnormalised; class_shift [C, D] (CaPT)
-    logits_from_features = itm_logits_from_features  # -> [B, C] = logit_scale * cos
+    # image_features, class_text_features, logits, encode_text, forward, compute_loss: UnifiedContext.
 
     def knowledge_guidance(self, t: torch.Tensor) -> torch.Tensor:
         """[C, E] learned-prompt features -> [] ``1 - mean_c cos(t_c, w_c)`` (unweighted)."""
@@ -90,9 +92,3 @@ class KgCoOp(PromptLearner):
         logits = self.logits_from_features(v, t)
         itm = (itm_loss or F.cross_entropy)(logits, labels)
         return itm + self.config.w * self.knowledge_guidance(t), logits
-
-    # ------------------------------------------------------------------ learner interface
-    encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
-    forward = cosine_forward  # images [B, 3, H, W] -> logits [B, C] = logit_scale * cos
-    logits_from_image_features = cosine_logits_from_image_features  # [B, E] frozen features -> [B, C]
-    compute_loss = features_compute_loss  # -> (loss_from_features(...), logits [B, C])

@@ -22,30 +22,27 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from fastprompt.learners._common import PromptLearner, config_from
 from fastprompt.learners._deep_prompts import (
-    build_text_encoder, deep_text_features, official_context_init, prompted_image_features, unnormalized_text_features,
+    build_text_encoder, deep_text_features, official_context_init, prompted_image_features, DeepTextFeatures,
     visual_width,
 )
-from fastprompt.learners._family import (
-    ce_loss_from_features, cosine_forward, itm_logits_from_features, normalized_class_text,
-)
+from fastprompt.learners._family import CosineClassifier
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 
 
 @dataclass
-class MaPLeConfig:
+class MaPLeConfig(LearnerConfig):
     """``TRAINER.MAPLE.*`` of ``configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml``, lower-cased."""
 
     n_ctx: int = 2
     ctx_init: str = "a photo of a"  # used when n_ctx <= 4, as the official code does
     prompt_depth: int = 9  # 1 = shallow MaPLe; at most the number of layers
     init_std: float = 0.02
-    backend: Optional[str] = None
 
 
 @register_learner("maple")
-class MaPLe(PromptLearner):
+class MaPLe(DeepTextFeatures, CosineClassifier, PromptLearner):
     """MaPLe learner. ``forward(images [B, 3, H, W]) -> logits [B, C]``.
 
     Trainable: ``ctx`` [M, Dt], ``proj`` Linear(Dt, Dv), ``compound_prompts_text`` (depth-1) x [M, Dt],
@@ -56,11 +53,13 @@ class MaPLe(PromptLearner):
 
     method = "maple"
     config_class = MaPLeConfig
+    training_defaults = {"epochs": 5, "batch_size": 4, "lr": 0.0035}
+    tiny_setup = {"prompt_depth": 2}
     image_conditional = False  # plug-in protocol (fastprompt/learners/_family.py)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(MaPLeConfig, config, kwargs)
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         depth = config.prompt_depth
         n_layers = min(len(self.tower.blocks), len(self.clip.visual.transformer.resblocks))
         if not 1 <= depth <= n_layers:
@@ -99,8 +98,7 @@ class MaPLe(PromptLearner):
         return prompts
 
     # ------------------------------------------------------------------ plug-in hooks
-    # The methods shared with IVLP / PromptSRC / the CoOp family (_deep_prompts.py, _family.py).
-    text_features = unnormalized_text_features  # -> [C, E] unnormalised; class_idx [K] -> [K, E]
+    # text_features: DeepTextFeatures; logits, loss, encode_text, forward: CosineClassifier.
 
     def class_text_features(
         self, image_features=None, class_shift: Optional[torch.Tensor] = None, class_idx: Optional[torch.Tensor] = None
@@ -111,12 +109,8 @@ class MaPLe(PromptLearner):
         fast engine encodes only them, the reference encodes all C at 77 tokens and indexes)."""
         return deep_text_features(self, self.text, self.ctx, self.text_deep_prompts(), class_shift, class_idx)
 
-    logits_from_features = itm_logits_from_features  # v [B, E], t [C, E] -> [B, C] = logit_scale * cos
-    loss_from_features = ce_loss_from_features  # cross-entropy (or itm_loss) on the logits
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, E] unnormalised prompted image features."""
         return prompted_image_features(self, images, self.vision_prompts())
 
-    encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
-    forward = cosine_forward  # images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(prompted image, text)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from fastprompt.backbone import load_clip_reproducible
 from fastprompt.learners._common import load_pretrained_tensors, read_pretrained
 from fastprompt.learners.adapter_io import check_backbone
 from fastprompt.learners.registry import get_learner_class
@@ -30,8 +31,6 @@ def from_pretrained(directory: str, clip_model=None, classnames: Optional[Sequen
                 f"{directory} does not record which CLIP it was trained on (the model did not come from "
                 "fastprompt.load_clip); pass clip_model="
             )
-        from fastprompt.backbone import load_clip_reproducible
-
         clip_model, _, tok = load_clip_reproducible(meta["clip_model"], pretrained=meta.get("clip_pretrained"))
         tokenizer = tokenizer or tok
     check_backbone(directory, meta, clip_model, strict=strict_backbone)

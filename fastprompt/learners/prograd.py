@@ -30,12 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastprompt.learners._common import PromptLearner, config_from, context_init
-from fastprompt.learners._family import (
-    cosine_forward, cosine_logits_from_image_features, features_compute_loss, frozen_image_features,
-    itm_logits_from_features, normalized_class_text,
-    rebuild_unified_prompts, unified_class_text_features,
-)
+from fastprompt.learners._common import context_init
+from fastprompt.learners._family import UnifiedContext, rebuild_unified_prompts
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 from fastprompt.losses import distillation_ce, project_gradient
 from fastprompt.templates import PROGRAD_TEMPLATES, template_for
@@ -43,7 +40,7 @@ from fastprompt.templates import PROGRAD_TEMPLATES, template_for
 
 
 @dataclass
-class ProGradConfig:
+class ProGradConfig(LearnerConfig):
     """CaPT's ProGrad baseline config (``ProGrad/vit_b16_ep10_ctx_batch4``: lr 0.0035, BS 4, 10 epochs)."""
 
     n_ctx: int = 4
@@ -53,7 +50,13 @@ class ProGradConfig:
     T: float = 1.0  # distillation temperature (LOSS.T)
     prograd_lambda: float = 1.0  # projection strength (LOSS.LAMBDA)
     init_std: float = 0.02
-    backend: Optional[str] = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.T <= 0:
+            raise ValueError(f"T must be > 0, got {self.T}")
+        if self.template is not None and "{}" not in self.template:
+            raise ValueError(f"template {self.template!r} has no '{{}}' slot for the class name")
 
 
 def _padded_context(tower, tokenizer, ctx_init: str, n_ctx: int, std: float):
@@ -69,21 +72,24 @@ def _padded_context(tower, tokenizer, ctx_init: str, n_ctx: int, std: float):
 
 
 @register_learner("prograd")
-class ProGrad(PromptLearner):
+class ProGrad(UnifiedContext, PromptLearner):
     """ProGrad learner. ``forward(images) -> logits [B, C]``; ``compute_loss`` returns the projected-gradient
     surrogate loss (see module doc). Trainable: ``ctx`` [M, D]. Buffer ``teacher_features`` [C, E]."""
 
     config_class = ProGradConfig
+    # CaPT's ProGrad baseline (ProGrad/vit_b16_ep10_ctx_batch4)
+    training_defaults = {"epochs": 10, "batch_size": 4, "lr": 0.0035}
+    tiny_setup = {}
+
+    @classmethod
+    def bench_setup(cls, classnames, dataset="imagenet", tasks=2):
+        return list(classnames), {"dataset": dataset}  # its hand-crafted template
     image_conditional = False
     image_features_frozen = True  # logits see images only through encode_images (feature store)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(ProGradConfig, config, kwargs)
-        if config.T <= 0:
-            raise ValueError(f"T must be > 0, got {config.T}")
-        if config.template is not None and "{}" not in config.template:
-            raise ValueError(f"template {config.template!r} has no '{{}}' slot for the class name")
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         vectors, self.prompt_prefix, self.n_ctx = _padded_context(
             self.tower, self.tokenizer, config.ctx_init, config.n_ctx, config.init_std
         )
@@ -100,10 +106,7 @@ class ProGrad(PromptLearner):
         self.register_buffer("teacher_features", rebuild_unified_prompts(self, classnames, self.template), persistent=False)
 
     # ------------------------------------------------------------------ plug-in protocol (see _family.py)
-    # The methods shared with the other CoOp-like learners are the functions of _family.py.
-    image_features = frozen_image_features  # -> [B, E] unnormalised frozen features
-    class_text_features = unified_class_text_features  # -> [C, E] unnormalised; class_shift [C, D] (CaPT)
-    logits_from_features = itm_logits_from_features  # -> [B, C] = logit_scale * cos
+    # image_features, class_text_features, logits, encode_text, forward, compute_loss: UnifiedContext.
 
     def teacher_logits(self, v: torch.Tensor) -> torch.Tensor:
         """[B, E] unnormalised image features -> [B, C] zero-shot CLIP logits (no gradient)."""
@@ -135,9 +138,3 @@ class ProGrad(PromptLearner):
             surrogate = term if surrogate is None else surrogate + term
         # Value: exactly the task loss (x - x.detach() is 0); gradient w.r.t. p: exactly the projected g_p.
         return xe.detach() + (surrogate - surrogate.detach()), logits
-
-    # ------------------------------------------------------------------ learner interface
-    encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
-    forward = cosine_forward  # images [B, 3, H, W] -> logits [B, C] = logit_scale * cos
-    logits_from_image_features = cosine_logits_from_image_features  # [B, E] frozen features -> [B, C]
-    compute_loss = features_compute_loss  # -> (loss_from_features(...), logits [B, C])

@@ -42,20 +42,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastprompt._version import __version__
 from fastprompt.backbone import clip_source
+from fastprompt.backbone import load_clip
 from fastprompt.learners._common import (
-    PromptLearner, backbone_identity, config_from, load_into, load_pretrained_tensors, read_pretrained, write_adapter,
+    backbone_identity, load_into, load_pretrained_tensors, read_pretrained, write_adapter,
 )
 from fastprompt.learners.adapter_io import check_backbone
 from fastprompt.learners._deep_prompts import prompted_image_features, visual_width
 from fastprompt.learners._family import forwarding_backend
+from fastprompt.learners.base import LearnerConfig, PromptLearner
+from fastprompt.learners.pretrained import from_pretrained
 from fastprompt.learners.registry import create_learner, register_learner
 
 STUDENT_CLIP = "student"  # ``teacher_clip`` value: the teacher runs on the student's own CLIP
 
 
 @dataclass
-class PromptKDConfig:
+class PromptKDConfig(LearnerConfig):
     """``TRAINER.PROMPTKD.*`` (student side) plus how to obtain the teacher.
 
     The teacher comes from (first that applies): the ``teacher=`` constructor argument (a learner or a
@@ -75,7 +79,10 @@ class PromptKDConfig:
     teacher_config: Dict[str, Any] = field(default_factory=dict)
     teacher_clip: str = ""
     teacher_clip_pretrained: Optional[str] = None
-    backend: Optional[str] = None
+
+    def validate(self) -> None:
+        super().validate()
+        _check_config(self)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -108,12 +115,22 @@ class PromptKD(PromptLearner):
 
     method = "promptkd"
     config_class = PromptKDConfig
+    # PromptKD/vit_b16_c2_ep20_batch8_4+4ctx.yaml (trains on the unlabelled images of all classes; the
+    # scripts pass NUM_SHOTS 0, i.e. the full training set, and KD_WEIGHT 1000 / T 1, the learner's defaults)
+    # KD_WEIGHT 200 for FGVCAircraft and Flowers102 (scripts/promptkd/base2new_train.sh).
+    training_defaults = {"epochs": 20, "batch_size": 8, "lr": 0.005,
+                         "learner_by_dataset": {"fgvc_aircraft": {"kd_weight": 200.0}, "oxford_flowers": {"kd_weight": 200.0}}}
+    # Base-to-new: distils on the unlabelled training images of *all* classes (NUM_SHOTS 0, no SUBSAMPLE_CLASSES).
+    base2new_training = {"train_subsample": "all", "shots": -1}
+    # The teacher: a PromptSRC built on the student's own toy CLIP (the real one is a trained ViT-L/14).
+    tiny_setup = {"n_ctx_vision": 2, "prompt_depth_vision": 2, "teacher_clip": "student",
+                  "teacher_config": {"n_ctx_text": 2, "n_ctx_vision": 2, "prompt_depth_text": 2, "prompt_depth_vision": 2}}
+    bench_setup = None  # no training-step benchmark (the teacher is another CLIP)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None,
                  teacher=None, teacher_clip: Optional[nn.Module] = None, teacher_tokenizer=None, **kwargs):
-        config = config_from(PromptKDConfig, config, kwargs)
-        _check_config(config)
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         teacher = self._build_teacher(teacher, teacher_clip, teacher_tokenizer, classnames)
         for name in ("text_features", "image_features", "set_classnames"):
             if not callable(getattr(teacher, name, None)):
@@ -154,8 +171,6 @@ class PromptKD(PromptLearner):
         if teacher is None and cfg.teacher_dir:
             teacher = cfg.teacher_dir
         if isinstance(teacher, str):
-            from fastprompt.learners.pretrained import from_pretrained
-
             return from_pretrained(teacher, clip_model=teacher_clip, classnames=classnames, tokenizer=teacher_tokenizer)
         if teacher is not None:
             if not isinstance(teacher, PromptLearner):
@@ -169,8 +184,6 @@ class PromptKD(PromptLearner):
             if cfg.teacher_clip == STUDENT_CLIP:
                 teacher_clip, teacher_tokenizer = self.clip, teacher_tokenizer or self.tokenizer
             elif cfg.teacher_clip:
-                from fastprompt.backbone import load_clip
-
                 teacher_clip, _, tok = load_clip(cfg.teacher_clip, pretrained=cfg.teacher_clip_pretrained)
                 teacher_tokenizer = teacher_tokenizer or tok
             else:
@@ -279,8 +292,6 @@ class PromptKD(PromptLearner):
         """The adapter (see the module docstring); ``teacher_dir`` is dropped from the stored config because
         the teacher's tensors travel inside the adapter."""
         name, pretrained = clip_source(self.clip)
-        from fastprompt._version import __version__
-
         config = dataclasses.replace(self.config, teacher_dir=None)
         meta = {"method": self.method, "config": dataclasses.asdict(config),
                 "classnames": list(self.classnames), "clip_model": name, "clip_pretrained": pretrained,

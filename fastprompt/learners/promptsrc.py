@@ -16,24 +16,24 @@ Official base-to-new config: SGD lr 0.0025, batch 4, 20 epochs, GPA mu=15, sigma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastprompt.learners._common import PromptLearner, config_from
 from fastprompt.learners._deep_prompts import (
-    GaussianPromptAggregation, IndependentPrompts, check_images, cosine_logits, independent_class_text_features,
-    prompted_image_features, set_independent_classnames, unnormalized_text_features,
+    GaussianPromptAggregation, IndependentPrompts, check_images, cosine_logits, IndependentPromptLearner,
+    prompted_image_features,
 )
-from fastprompt.learners._family import itm_logits_from_features, normalized_class_text
+from fastprompt.learners._family import CosineClassifier
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 from fastprompt.templates import format_prompts, imagenet_templates
 
 
 @dataclass
-class PromptSRCConfig:
+class PromptSRCConfig(LearnerConfig):
     """``TRAINER.PROMPTSRC.*`` of ``configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml``."""
 
     n_ctx_text: int = 4
@@ -46,11 +46,10 @@ class PromptSRCConfig:
     gpa_mean: float = 15.0  # cross-dataset: 6 / 10 (depth 3); few-shot: 30 / 30 or 45 / 5 over 50 epochs
     gpa_std: float = 1.0
     init_std: float = 0.02
-    backend: Optional[str] = None
 
 
 @register_learner("promptsrc")
-class PromptSRC(PromptLearner):
+class PromptSRC(IndependentPromptLearner, CosineClassifier, PromptLearner):
     """PromptSRC learner. ``forward(images [B, 3, H, W]) -> logits [B, C]``; ``compute_loss(images, labels)``
     returns the full PromptSRC objective. Trainable (under ``prompts``): ``ctx``, ``text_deep``, ``vpt``,
     ``vpt_deep`` (46,080 values on ViT-B/16 at the defaults). Hooks: ``image_features(images) -> [B, E]``,
@@ -59,11 +58,13 @@ class PromptSRC(PromptLearner):
 
     method = "promptsrc"
     config_class = PromptSRCConfig
+    training_defaults = {"epochs": 20, "batch_size": 4, "lr": 0.0025}
+    tiny_setup = {"n_ctx_text": 2, "n_ctx_vision": 2, "prompt_depth_text": 2, "prompt_depth_vision": 2}
     image_conditional = False  # plug-in protocol (fastprompt/learners/_family.py)
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(PromptSRCConfig, config, kwargs)
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         self.prompts = IndependentPrompts.from_config(self, config)
         self.gpa = GaussianPromptAggregation(config.gpa_mean, config.gpa_std)
         self._fixed_text = None
@@ -72,7 +73,7 @@ class PromptSRC(PromptLearner):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Rebuild the class-dependent text buffers; the frozen template features are recomputed on next use."""
-        set_independent_classnames(self, classnames)
+        super().set_classnames(classnames)
         self._fixed_text = None
 
     # ------------------------------------------------------------------ frozen references
@@ -101,10 +102,7 @@ class PromptSRC(PromptLearner):
         return self.encode_images(check_images(self, images))
 
     # ------------------------------------------------------------------ plug-in hooks
-    # The methods shared with IVLP / MaPLe / the CoOp family (_deep_prompts.py, _family.py).
-    text_features = unnormalized_text_features  # -> [C, E] unnormalised; class_idx [K] -> [K, E]
-    class_text_features = independent_class_text_features  # -> [C, E]; class_shift [C, Dt] (CaPT)
-    logits_from_features = itm_logits_from_features  # v [B, E], t [C, E] -> [B, C] = logit_scale * cos
+    # text_features, class_text_features: IndependentPromptLearner; logits, encode_text: CosineClassifier.
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, E] unnormalised prompted image features. In training mode the frozen features
@@ -188,7 +186,6 @@ class PromptSRC(PromptLearner):
         self.gpa.sums = {n: v.detach().to(own[n].device).clone() for n, v in sums.items()}
         self.gpa.max_epoch = None if max_epoch is None else int(max_epoch)
 
-    encode_text = normalized_class_text  # -> [C, E] L2-normalised (cached in eval mode)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] -> logits [B, C]."""

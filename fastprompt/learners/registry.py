@@ -22,6 +22,14 @@ def register_learner(name: str) -> Callable[[type], type]:
     return wrap
 
 
+def unregister_learner(name: str) -> type:
+    """Remove a learner from the registry (e.g. one a test registered) and return its class."""
+    key = str(name).lower()
+    if key not in _LEARNERS:
+        raise ValueError(f"unknown learner {name!r}; available: {', '.join(list_learners())}")
+    return _LEARNERS.pop(key)
+
+
 def list_learners() -> List[str]:
     return sorted(_LEARNERS)
 

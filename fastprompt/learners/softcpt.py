@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from fastprompt.classplan import build_class_plan, clean_classnames
 from fastprompt.encoders.prompted_text import PromptedTextEncoder
-from fastprompt.learners._common import PromptLearner, config_from, plan_kwargs
+from fastprompt.learners._common import plan_kwargs
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 
 VARIANTS = ("NATA", "NATS", "CATA", "CSTA", "CATS", "CSTS")
@@ -40,7 +41,7 @@ PG_TYPES = ("lin", "linmean", "lincls")
 
 
 @dataclass
-class SoftCPTConfig:
+class SoftCPTConfig(LearnerConfig):
     """``TRAINER.MTCOOP.*`` as the README commands set them (N_CTX 16, TASK_N_CTX 4, CLASS_N_CTX 4, lin)."""
 
     tasknames: List[str] = field(default_factory=list)  # one name per task, in task order
@@ -53,7 +54,6 @@ class SoftCPTConfig:
     freeze_cls_prompt: bool = False  # FREEZE_CLS_PROMPT
     init_std: float = 0.02
     seed: Optional[int] = None  # class-sampling generator seed (None: the global torch RNG, as official)
-    backend: Optional[str] = None
 
 
 @register_learner("softcpt")
@@ -69,11 +69,27 @@ class SoftCPT(PromptLearner):
     method = "softcpt"
     config_class = SoftCPTConfig
     image_features_frozen = True  # logits see images only through encode_images (feature store)
+    training_defaults = {"epochs": 50, "batch_size": 32, "lr": 0.002}
+    tiny_setup = {"tasknames": ["animals", "things"], "n_ctx": 2, "task_n_ctx": 2}
+
+    @classmethod
+    def tiny_classnames(cls, names):
+        """2 tasks of consecutive classes: the trainer feeds global labels, column c = class c."""
+        half = len(names) // 2
+        return [list(names[:half]), list(names[half:])]
+
+    @classmethod
+    def bench_setup(cls, classnames, dataset="imagenet", tasks=2):
+        names = list(classnames)
+        if tasks < 1 or len(names) < tasks:
+            raise ValueError(f"softcpt needs at least one class per task ({len(names)} classes, {tasks} tasks)")
+        per = len(names) // tasks
+        return [names[t * per: (t + 1) * per] for t in range(tasks)], {"tasknames": [f"task {t}" for t in range(tasks)]}
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[Sequence[str]], config=None, tokenizer=None, **kwargs):
-        config = config_from(SoftCPTConfig, config, kwargs)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         tasks = _check(config, classnames)
-        super().__init__(clip_model, classnames, config, tokenizer)
         self.tasknames = clean_classnames(list(config.tasknames))
         self.classnames = [clean_classnames(list(names)) for names in tasks]
         sizes = [len(n) for n in self.classnames]

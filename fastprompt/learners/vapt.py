@@ -33,11 +33,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastprompt.encoders.prompted_vision import PromptedVisionEncoder
-from fastprompt.learners._common import PromptLearner, config_from
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 from fastprompt.learners.vpt import (
-    VPTClassifier, _check_common, _patch_size, clip_template, encode_prompted_clip_images, prompted_clip_forward,
-    set_clip_classnames, vpt_init_bound,
+    VPT_SOLVER, PromptedCLIP, VPTClassifier, _check_common, _patch_size, vpt_init_bound,
 )
 from fastprompt.ops.vapt_prompts import dropout_masks, vapt_prompts
 
@@ -45,7 +44,7 @@ __all__ = ["VAPT", "VAPTConfig", "VAPTGenerator", "VAPTClassifier"]
 
 
 @dataclass
-class VAPTConfig:
+class VAPTConfig(LearnerConfig):
     """Options named after VAPT's ``MODEL.PROMPT.*`` keys, lower-cased (defaults of the official config; N and
     dropout from its README example)."""
 
@@ -60,7 +59,10 @@ class VAPTConfig:
     dataset: str = ""  # CLIP only: picks the class-text template
     template: Optional[str] = None  # CLIP only: overrides the template
     head_special_bias: bool = True  # classifier only (VPT's head init)
-    backend: Optional[str] = None
+
+    def validate(self) -> None:
+        super().validate()
+        _check_config(self)
 
 
 def _check_config(c: VAPTConfig) -> None:
@@ -165,26 +167,21 @@ class VAPTGenerator(nn.Module):
 
 
 @register_learner("vapt")
-class VAPT(PromptLearner):
+class VAPT(PromptedCLIP, PromptLearner):
     """VAPT on an open_clip CLIP. ``forward(images [B, 3, H, W]) -> logits [B, C]`` against frozen class text
     features; trainable tensors: everything under ``prompts`` (see :class:`VAPTGenerator`)."""
 
     method = "vapt"
     config_class = VAPTConfig
+    training_defaults = dict(VPT_SOLVER, batch_size=64)  # VAPT configs/base-prompt.yaml and README
+    tiny_setup = {"num_tokens": 2}
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(VAPTConfig, config, kwargs)
-        _check_config(config)
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         self.encoder = PromptedVisionEncoder(self.clip.visual, config.insert)
         self.prompts = VAPTGenerator(self.encoder, config)
         self.set_classnames(classnames)
-
-    # Shared with VPT (fastprompt/learners/vpt.py).
-    template = clip_template
-    set_classnames = set_clip_classnames
-    encode_prompted_images = encode_prompted_clip_images
-    forward = prompted_clip_forward
 
 
 class VAPTClassifier(VPTClassifier):
@@ -197,6 +194,5 @@ class VAPTClassifier(VPTClassifier):
     @classmethod
     def from_timm(cls, model: nn.Module, num_classes: int, config=None, **kwargs) -> "VAPTClassifier":
         """VAPT on a timm ``VisionTransformer`` (e.g. ``vit_base_patch16_224``), with a new linear head."""
-        config = config_from(VAPTConfig, config, kwargs)
-        _check_config(config)
+        config = VAPTConfig.build(config, kwargs)
         return cls(model, num_classes, lambda enc: VAPTGenerator(enc, config), config)

@@ -25,14 +25,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastprompt._version import __version__
 from fastprompt.encoders.prompted_vision import INSERT_MODES, PromptedVisionEncoder
-from fastprompt.learners._common import LEARNER_BACKENDS, PromptLearner, config_from, write_adapter
+from fastprompt.learners._common import LEARNER_BACKENDS, write_adapter
+from fastprompt.learners._common import load_pretrained_tensors, read_pretrained
+from fastprompt.learners.base import LearnerConfig, PromptLearner
 from fastprompt.learners.registry import register_learner
 from fastprompt.ops._dispatch import env_backend
 from fastprompt.templates import format_prompts, template_for
@@ -40,8 +43,17 @@ from fastprompt.templates import format_prompts, template_for
 __all__ = ["VPT", "VPTConfig", "VPTPrompts", "VPTClassifier", "vpt_init_bound"]
 
 
+# VPT / VAPT solver (KMnP/vpt configs/base-prompt.yaml + src/solver, VAPT's copy of it): SGD momentum 0.9,
+# weight decay 1e-4, 10 linear warm-up epochs then cosine (schedule "warmup_cosine"), 100 epochs, and the lr
+# given as VPT's *grid* lr, trained at lr * batch / 256 (tune_vtab.py). lr and weight decay are grid-searched
+# per task officially ({50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05} x {0.01, 1e-3, 1e-4, 0}); no single
+# value is official: 5.0 is the first of the grid, the lr VAPT's ``tune_vtab.py --fast`` trains with while it
+# tunes the weight decay. Pass --lr / OPTIM.LR (SOLVER.BASE_LR) for a task's tuned value.
+VPT_SOLVER: Dict[str, Any] = {"epochs": 100, "lr": 5.0, "weight_decay": 1e-4, "warmup_epoch": 10,
+                              "lr_scheduler": "warmup_cosine", "lr_batch_scaling": True}
+
 @dataclass
-class VPTConfig:
+class VPTConfig(LearnerConfig):
     """Options named after VPT's ``MODEL.PROMPT.*`` keys, lower-cased (official defaults)."""
 
     num_tokens: int = 5
@@ -51,7 +63,10 @@ class VPTConfig:
     dataset: str = ""  # CLIP only: picks the class-text template (CoOp's CUSTOM_TEMPLATES)
     template: Optional[str] = None  # CLIP only: overrides the template
     head_special_bias: bool = True  # classifier only: VPT's head bias -log((1 - 0.01) / 0.01)
-    backend: Optional[str] = None
+
+    def validate(self) -> None:
+        super().validate()
+        _check_common(self.num_tokens, self.dropout, self.insert)
 
 
 def vpt_init_bound(patch_size, width: int) -> float:
@@ -134,53 +149,48 @@ def clip_class_text(learner: PromptLearner) -> torch.Tensor:
     return learner._class_text
 
 
-# Methods shared by the CLIP prompt learners of the visual-prompt family (VPT, VAPT), assigned as class
-# attributes: ``self.encoder`` (PromptedVisionEncoder) + ``self.prompts`` against frozen class text.
-@property
-def clip_template(self) -> str:
-    """``template``: the class-text template, ``config.template`` or the dataset's (CoOp's CUSTOM_TEMPLATES)."""
-    return self.config.template or template_for(self.config.dataset or "")
+class PromptedCLIP:
+    """Mixin of the CLIP prompt learners of the visual-prompt family (VPT, VAPT): ``self.encoder``
+    (PromptedVisionEncoder) + ``self.prompts`` against frozen class text."""
 
+    @property
+    def template(self) -> str:
+        """The class-text template, ``config.template`` or the dataset's (CoOp's CUSTOM_TEMPLATES)."""
+        return self.config.template or template_for(self.config.dataset or "")
 
-def set_clip_classnames(self, classnames: Sequence[str]) -> None:
-    """``set_classnames``: the frozen class text is recomputed on next use (``clip_class_text``)."""
-    self.classnames = [str(c) for c in classnames]
-    if not self.classnames:
-        raise ValueError("classnames is empty")
+    def set_classnames(self, classnames: Sequence[str]) -> None:
+        """The frozen class text is recomputed on next use (``clip_class_text``)."""
+        self.classnames = [str(c) for c in classnames]
+        if not self.classnames:
+            raise ValueError("classnames is empty")
 
+    def encode_prompted_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, E] unnormalised prompted image features."""
+        return prompted_image_features(self.encoder, self.prompts, images, self.backend)
 
-def encode_prompted_clip_images(self, images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] -> [B, E] unnormalised prompted image features."""
-    return prompted_image_features(self.encoder, self.prompts, images, self.backend)
-
-
-def prompted_clip_forward(self, images: torch.Tensor) -> torch.Tensor:
-    """images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(prompted image, frozen class text)."""
-    text = clip_class_text(self)
-    feats = F.normalize(self.encode_prompted_images(images), dim=-1)
-    return self.logit_scale * feats.to(text.dtype) @ text.t()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] -> logits [B, C] = logit_scale * cos(prompted image, frozen class text)."""
+        text = clip_class_text(self)
+        feats = F.normalize(self.encode_prompted_images(images), dim=-1)
+        return self.logit_scale * feats.to(text.dtype) @ text.t()
 
 
 @register_learner("vpt")
-class VPT(PromptLearner):
+class VPT(PromptedCLIP, PromptLearner):
     """VPT on an open_clip CLIP. ``forward(images [B, 3, H, W]) -> logits [B, C]``; trainable tensors:
     ``prompts.prompt_embeddings`` [1, N, Dv] (and ``prompts.deep_prompt_embeddings`` [L-1, N, Dv] if deep)."""
 
     method = "vpt"
     config_class = VPTConfig
+    training_defaults = dict(VPT_SOLVER, batch_size=128)  # KMnP/vpt configs/base-prompt.yaml
+    tiny_setup = {"num_tokens": 2, "deep": True}
 
     def __init__(self, clip_model: nn.Module, classnames: Sequence[str], config=None, tokenizer=None, **kwargs):
-        config = config_from(VPTConfig, config, kwargs)
-        _check_common(config.num_tokens, config.dropout, config.insert)
-        super().__init__(clip_model, classnames, config, tokenizer)
+        super().__init__(clip_model, classnames, config, tokenizer, **kwargs)
+        config = self.config
         self.encoder = PromptedVisionEncoder(self.clip.visual, config.insert)
         self.prompts = VPTPrompts(self.encoder, config.num_tokens, config.deep, config.dropout)
         self.set_classnames(classnames)
-
-    template = clip_template
-    set_classnames = set_clip_classnames
-    encode_prompted_images = encode_prompted_clip_images
-    forward = prompted_clip_forward
 
 
 # ---------------------------------------------------------------------------------------------- classifier
@@ -221,8 +231,7 @@ class VPTClassifier(nn.Module):
     @classmethod
     def from_timm(cls, model: nn.Module, num_classes: int, config=None, **kwargs) -> "VPTClassifier":
         """VPT on a timm ``VisionTransformer`` (e.g. ``vit_base_patch16_224``), with a new linear head."""
-        config = config_from(VPTConfig, config, kwargs)
-        _check_common(config.num_tokens, config.dropout, config.insert)
+        config = VPTConfig.build(config, kwargs)
         return cls(model, num_classes, lambda enc: VPTPrompts(enc, config.num_tokens, config.deep, config.dropout), config)
 
     # ------------------------------------------------------------------ backend
@@ -273,8 +282,6 @@ class VPTClassifier(nn.Module):
 
     def save_pretrained(self, directory: str) -> None:
         """Write the trainable tensors (prompts + head, safetensors) and a JSON config to ``directory``."""
-        from fastprompt._version import __version__
-
         arch = getattr(self.backbone, "pretrained_cfg", {}) or {}
         meta = {"method": self.method, "config": dataclasses.asdict(self.config), "num_classes": self.num_classes,
                 "backbone": arch.get("architecture"), "fastprompt_version": __version__}
@@ -283,8 +290,6 @@ class VPTClassifier(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str, model: nn.Module, **overrides) -> "VPTClassifier":
         """Rebuild from :meth:`save_pretrained` on the same timm backbone ``model``."""
-        from fastprompt.learners._common import load_pretrained_tensors, read_pretrained
-
         meta = read_pretrained(directory)
         if meta.get("method") != cls.method:
             raise ValueError(f"{directory} holds a {meta.get('method')!r} classifier, not {cls.method!r}")

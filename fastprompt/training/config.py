@@ -2,7 +2,8 @@
 
 A run is one :class:`TrainConfig`. Its method-specific options (``learner``) are the fields of the learner's
 config dataclass (``CoOpConfig``, ...), whose defaults are the official ones; the optimisation defaults that
-the official YAML files set per method (epochs, batch size, lr) are in :data:`METHOD_DEFAULTS`.
+the official YAML files set per method (epochs, batch size, lr) are declared on each learner class
+(``training_defaults``; :data:`METHOD_DEFAULTS` reads them from the registry).
 
 Dassl users can keep their keys: ``OPTIM.LR 0.002``, ``OPTIM.MAX_EPOCH 50``, ``DATALOADER.TRAIN_X.BATCH_SIZE 4``,
 ``TRAINER.COOP.N_CTX 4`` (any field of the learner's config, upper-cased), ``TRAINER.COOP.PREC fp16``...
@@ -15,8 +16,14 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import yaml
+
+from fastprompt.learners.dapt import DAPT_BETAS, DAPT_LR  # noqa: F401  (re-exported: the DAPT tables)
+from fastprompt.learners.registry import get_learner_class, list_learners
+from fastprompt.learners.vpt import VPT_SOLVER
+from fastprompt.templates import dataset_key
 from fastprompt.validation import check_device, check_train_numbers
 
 __all__ = ["TrainConfig", "METHOD_DEFAULTS", "method_defaults", "PRECISIONS", "resolve_defaults", "apply_opts", "load_config_file",
@@ -26,84 +33,51 @@ PRECISIONS = ("fp32", "fp64", "bf16", "fp16", "amp")
 SCHEDULES = ("cosine", "warmup_cosine")  # fastprompt.training.schedule
 SUBSAMPLES = ("all", "base", "new")
 
-# Per-method optimisation defaults of the official configs (the official YAML files,
-# summarised on the pages of docs/methods/ and in the method files' docstrings). ``epochs=None`` means "depends on the shots"
-# (CoOp's and DAPT's few-shot scripts, see default_epochs). Keys besides epochs / batch_size / lr override
-# DASSL_OPTIM (the Dassl solver every CoOp-family config uses).
+# Per-method optimisation defaults of the official configs are each learner class's ``training_defaults``.
+# ``epochs=None`` means "depends on the shots" (CoOp's and DAPT's few-shot scripts, see default_epochs). Keys
+# besides epochs / batch_size / lr override DASSL_OPTIM (the Dassl solver every CoOp-family config uses).
 DASSL_OPTIM: Dict[str, Any] = {"weight_decay": 5e-4, "warmup_epoch": 1, "lr_scheduler": "cosine", "lr_batch_scaling": False}
-# VPT / VAPT solver (KMnP/vpt configs/base-prompt.yaml + src/solver, VAPT's copy of it): SGD momentum 0.9,
-# weight decay 1e-4, 10 linear warm-up epochs then cosine (schedule "warmup_cosine"), 100 epochs, and the lr
-# given as VPT's *grid* lr, trained at lr * batch / 256 (tune_vtab.py). lr and weight decay are grid-searched
-# per task officially ({50, 25, 10, 5, 2.5, 1, 0.5, 0.25, 0.1, 0.05} x {0.01, 1e-3, 1e-4, 0}); no single
-# value is official: 5.0 is the first of the grid, the lr VAPT's ``tune_vtab.py --fast`` trains with while it
-# tunes the weight decay. Pass --lr / OPTIM.LR (SOLVER.BASE_LR) for a task's tuned value.
-VPT_OPTIM: Dict[str, Any] = {"epochs": 100, "lr": 5.0, "weight_decay": 1e-4, "warmup_epoch": 10,
-                             "lr_scheduler": "warmup_cosine", "lr_batch_scaling": True}
-VPT_REFERENCE_BATCH = 256  # effective lr = lr * (global batch) / 256
+VPT_REFERENCE_BATCH = 256  # VPT / VAPT: effective lr = lr * (global batch) / 256
+VPT_OPTIM = VPT_SOLVER  # the VPT / VAPT solver (fastprompt.learners.vpt)
 
-# DAPT's own few-shot scripts (mlvlab/DAPT configs/trainers/DAPT/vit_b16*.yaml, configs/datasets/*.yaml,
-# scripts/main.sh): batch 32, 50 / 100 / 200 epochs by shots as CoOp (ImageNet 50), and a per-dataset lr and
-# VIS_BETA / TXT_BETA. A dataset outside that table gets lr 0.002 (CoOp's; DAPT has no generic value).
-DAPT_LR: Dict[str, float] = {
-    "caltech101": 0.2, "dtd": 20.0, "eurosat": 20.0, "fgvc_aircraft": 2.0, "food101": 20.0, "imagenet": 2.0,
-    "oxford_flowers": 0.002, "oxford_pets": 0.02, "stanford_cars": 0.002, "sun397": 20.0, "ucf101": 20.0,
-}
-DAPT_BETAS: Dict[str, Dict[str, float]] = {
-    "caltech101": {"vis_beta": 10.0, "txt_beta": 0.01}, "dtd": {"vis_beta": 100.0, "txt_beta": 0.01},
-    "eurosat": {"vis_beta": 100.0, "txt_beta": 10.0}, "fgvc_aircraft": {"vis_beta": 100.0, "txt_beta": 0.01},
-    "food101": {"vis_beta": 10.0, "txt_beta": 0.01}, "imagenet": {"vis_beta": 0.01, "txt_beta": 0.01},
-    "oxford_flowers": {"vis_beta": 10.0, "txt_beta": 0.01}, "oxford_pets": {"vis_beta": 10.0, "txt_beta": 0.1},
-    "stanford_cars": {"vis_beta": 100.0, "txt_beta": 0.1}, "sun397": {"vis_beta": 100.0, "txt_beta": 0.01},
-    "ucf101": {"vis_beta": 0.1, "txt_beta": 0.1},
-}
 
-METHOD_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "coop": {"epochs": None, "batch_size": 32, "lr": 0.002},  # CoOp few-shot: 50/100/200 epochs by shots
-    "cocoop": {"epochs": 10, "batch_size": 1, "lr": 0.002},
-    "kgcoop": {"epochs": 100, "batch_size": 128, "lr": 0.002},
-    "dept": {"epochs": 10, "batch_size": 4, "lr": 0.0035},
-    "capt": {"epochs": 10, "batch_size": 4, "lr": 0.0035},
-    "decapt": {"epochs": 10, "batch_size": 4, "lr": 0.0035},  # CaPT configs; head/FiLM x18 in the learner
-    "prograd": {"epochs": 10, "batch_size": 4, "lr": 0.0035},  # CaPT's ProGrad baseline (ProGrad/vit_b16_ep10_ctx_batch4)
-    "maple": {"epochs": 5, "batch_size": 4, "lr": 0.0035},
-    "ivlp": {"epochs": 5, "batch_size": 4, "lr": 0.0035},  # IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml
-    "promptsrc": {"epochs": 20, "batch_size": 4, "lr": 0.0025},
-    "dpc": {"epochs": 20, "batch_size": 4, "lr": 0.002},
-    # PromptKD/vit_b16_c2_ep20_batch8_4+4ctx.yaml (trains on the unlabelled images of all classes; the
-    # scripts pass NUM_SHOTS 0, i.e. the full training set, and KD_WEIGHT 1000 / T 1, the learner's defaults)
-    # KD_WEIGHT 200 for FGVCAircraft and Flowers102 (scripts/promptkd/base2new_train.sh).
-    "promptkd": {"epochs": 20, "batch_size": 8, "lr": 0.005,
-                 "learner_by_dataset": {"fgvc_aircraft": {"kd_weight": 200.0}, "oxford_flowers": {"kd_weight": 200.0}}},
-    "softcpt": {"epochs": 50, "batch_size": 32, "lr": 0.002},
-    # DAPT: few-shot (subsample "all") from DAPT's repo; base-to-new (subsample base/new) from CaPT's DAPT
-    # baseline (UCPDAPT: batch 4, lr 0.0035, 10 epochs, the learner's default betas; docs/methods/capt.md).
-    "dapt": {"epochs": None, "batch_size": 32, "lr": 0.002, "lr_by_dataset": DAPT_LR, "learner_by_dataset": DAPT_BETAS,
-             "base2new": {"epochs": 10, "batch_size": 4, "lr": 0.0035}},
-    "vpt": dict(VPT_OPTIM, batch_size=128),  # KMnP/vpt configs/base-prompt.yaml
-    "vapt": dict(VPT_OPTIM, batch_size=64),  # VAPT configs/base-prompt.yaml and README
-}
+class _RegistryDefaults(Mapping):
+    """{method: its learner class's ``training_defaults``} for every registered learner that declares them
+    (read-only; kept for code that reads the table)."""
+
+    def __getitem__(self, method: str) -> Dict[str, Any]:
+        if method not in list_learners() or not get_learner_class(method).training_defaults:
+            raise KeyError(method)
+        return get_learner_class(method).training_defaults
+
+    def __iter__(self):
+        return iter([m for m in list_learners() if get_learner_class(m).training_defaults])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+# The per-method official settings live on each learner class (``training_defaults``, ``base2new_training``).
+METHOD_DEFAULTS: Mapping[str, Dict[str, Any]] = _RegistryDefaults()
 GENERIC = {"epochs": 10, "batch_size": 32, "lr": 0.002}
 
 
-# How a method's base-to-new run trains before it is tested on the base and the new classes. The CoOp protocol:
-# 16 shots of the base classes. PromptKD distils on the unlabelled training images of *all* classes (its
-# base2new script passes NUM_SHOTS 0, i.e. every image, and no SUBSAMPLE_CLASSES).
-BASE2NEW_PROTOCOL: Dict[str, Dict[str, Any]] = {"promptkd": {"train_subsample": "all", "shots": -1}}
+# How a base-to-new run trains before it is tested on the base and the new classes (the CoOp protocol: 16
+# shots of the base classes) unless the learner class declares otherwise (``base2new_training``).
 DEFAULT_BASE2NEW = {"train_subsample": "base", "shots": 16}
 
 
 def base2new_protocol(method: str) -> Dict[str, Any]:
     """``{"train_subsample", "shots"}`` of ``method``'s base-to-new training run (shots: the default when the user
     gives none)."""
-    return dict(DEFAULT_BASE2NEW, **BASE2NEW_PROTOCOL.get(method, {}))
+    cls = get_learner_class(method) if method in list_learners() else None
+    return dict(DEFAULT_BASE2NEW, **(cls.base2new_training if cls is not None else {}))
 
 
 def method_defaults(method: str, dataset: str = "", subsample: str = "all") -> Dict[str, Any]:
     """The official optimisation settings of ``method`` for a run on ``dataset`` / ``subsample``: epochs
     (None = by shots), batch_size, lr, weight_decay, warmup_epoch, lr_scheduler, lr_batch_scaling, and
     ``learner`` (official per-dataset learner options, e.g. DAPT's betas)."""
-    from fastprompt.templates import dataset_key
-
     entry = dict(METHOD_DEFAULTS.get(method, GENERIC))
     key = dataset_key(dataset) if dataset else ""
     by_lr, by_learner = entry.pop("lr_by_dataset", {}), entry.pop("learner_by_dataset", {})
@@ -176,8 +150,6 @@ class TrainConfig:
         return cls(**data)
 
     def validate(self) -> "TrainConfig":
-        from fastprompt.learners import list_learners
-
         if self.method not in list_learners():
             raise ValueError(f"unknown method {self.method!r}; available: {', '.join(list_learners())}")
         check_train_numbers(self)  # types, finiteness and ranges, named by their CLI option
@@ -206,10 +178,7 @@ class TrainConfig:
         unknown = set(self.learner) - set(learner_fields)
         if unknown:
             raise ValueError(f"{self.method} has no option(s) {sorted(unknown)}; options: {sorted(learner_fields)}")
-        from fastprompt.learners import get_learner_class
-        from fastprompt.learners._common import config_from
-
-        config_from(get_learner_class(self.method).config_class, dict(self.learner), {})  # type / range checks
+        get_learner_class(self.method).config_class.build(dict(self.learner))  # type / range checks
         return self
 
 
@@ -228,8 +197,6 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
 
 def _learner_fields(method: str) -> Dict[str, dataclasses.Field]:
-    from fastprompt.learners import get_learner_class
-
     config_class = get_learner_class(method).config_class
     return {f.name: f for f in dataclasses.fields(config_class)}
 
@@ -389,10 +356,6 @@ def load_config_file(path: str) -> Dict[str, Any]:
     with open(path) as f:
         text = f.read()
     if path.endswith((".yaml", ".yml")):
-        try:
-            import yaml
-        except ImportError as exc:  # pragma: no cover - pyyaml is nearly always present
-            raise ImportError("reading YAML configs needs PyYAML (pip install pyyaml); or use a JSON file") from exc
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:

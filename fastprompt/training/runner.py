@@ -12,8 +12,14 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import open_clip
 import torch
 
+from fastprompt.backbone import load_clip_reproducible
+from fastprompt.datasets import build_dataset, check_dataset
+from fastprompt.learners import create_learner, from_pretrained
+from fastprompt.pretrained_source import check_pretrained_reachable, read_model_config
+from fastprompt.training.checkpoint import CHECKPOINT_FILE, RUN_SETTING_KEYS
 from fastprompt.training.config import TrainConfig, base2new_protocol, resolve_defaults
 from fastprompt.training.console import RunsETA
 from fastprompt.training.data import DatumDataset, test_transform, train_transform
@@ -32,11 +38,6 @@ RUN_CONFIG, RESULTS, ADAPTER_DIR = "run_config.json", "results.json", "adapter"
 def build_clip(model: str, pretrained: Optional[str], device: torch.device, precision: str = "fp32"):
     """(model, preprocess, tokenizer). ``model`` is an open_clip name or a path to an open_clip model-config
     JSON (registered with ``open_clip.add_model_config`` under its file stem, e.g. a tiny test config)."""
-    import open_clip
-
-    from fastprompt.backbone import load_clip_reproducible
-    from fastprompt.pretrained_source import check_pretrained_reachable, read_model_config
-
     name = model
     if model.endswith(".json"):
         read_model_config(model)  # a malformed file is an error naming it, and never reaches open_clip's registry
@@ -61,28 +62,16 @@ def build_clip(model: str, pretrained: Optional[str], device: torch.device, prec
     return clip, preprocess, tokenizer
 
 
-def _datasets_module():
-    try:
-        import fastprompt.datasets as ds
-    except ImportError as exc:  # pragma: no cover - the package ships it
-        raise RuntimeError(f"fastprompt.datasets is unavailable: {exc}") from exc
-    if not hasattr(ds, "build_dataset"):
-        raise RuntimeError("fastprompt.datasets has no build_dataset (the dataset layer is not installed)")
-    return ds
-
-
 def load_splits(name: str, root: str, shots: int, seed: int, subsample: str = "all"):
     """``build_dataset`` with checks that turn bad input into clear errors (missing files, too many shots)."""
-    ds = _datasets_module()
     if not name:
         raise ValueError("no dataset given (--dataset)")
     if not root or not os.path.isdir(root):
         raise FileNotFoundError(f"dataset root {root!r} is not a directory (--root)")
-    if hasattr(ds, "check_dataset"):
-        problems = ds.check_dataset(name, root)
-        if problems:
-            raise FileNotFoundError(f"dataset {name!r} under {root}: " + "; ".join(str(p) for p in problems))
-    splits = ds.build_dataset(name, root, shots=shots, seed=seed, subsample=subsample)
+    problems = check_dataset(name, root)
+    if problems:
+        raise FileNotFoundError(f"dataset {name!r} under {root}: " + "; ".join(str(p) for p in problems))
+    splits = build_dataset(name, root, shots=shots, seed=seed, subsample=subsample)
     if shots > 0 and splits.train_x:
         largest = max(collections.Counter(d.label for d in splits.train_x).values())
         if largest < shots:
@@ -146,8 +135,6 @@ def _train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optiona
     the output directory holds a checkpoint and ``resume`` is False.
     """
     cfg = resolve_defaults(cfg.validate())
-    from fastprompt.training.checkpoint import CHECKPOINT_FILE
-
     ckpt = os.path.join(cfg.output_dir, CHECKPOINT_FILE)
     if os.path.exists(ckpt) and not resume:
         raise FileExistsError(f"{ckpt} already exists; pass --resume to continue that run, or choose another --output-dir")
@@ -160,8 +147,6 @@ def _train_run(cfg: TrainConfig, resume: bool = False, stop_after_epoch: Optiona
     splits = load_splits(cfg.dataset, cfg.root, cfg.shots, cfg.seed, cfg.subsample)
     precheck_data(splits)  # unreadable train/test image headers fail here, before any training
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained, device, cfg.precision)
-    from fastprompt.learners import create_learner
-
     seed_everything(cfg.seed)  # the learner's random init depends on the seed only
     learner = create_learner(cfg.method, clip, splits.classnames, config=dict(cfg.learner), tokenizer=tokenizer)
     train_set = DatumDataset(splits.train_x, train_transform(clip, preprocess))
@@ -212,8 +197,6 @@ def _eval_run(run_dir: str, datasets: Sequence[str], root: str, subsample: str =
     adapter = os.path.join(run_dir, ADAPTER_DIR)
     dev = resolve_device(cfg.device)
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained, dev, cfg.precision)
-    from fastprompt.learners import from_pretrained
-
     learner = from_pretrained(adapter, clip_model=clip, tokenizer=tokenizer, strict_backbone=strict_backbone)
     results = []
     for name in datasets:
@@ -235,8 +218,6 @@ def _finished_base2new_run(run_cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     directory whose stored settings differ is not reused; training it again then fails on its checkpoint with
     the list of differing settings.
     """
-    from fastprompt.training.checkpoint import RUN_SETTING_KEYS
-
     paths = [os.path.join(run_cfg.output_dir, name) for name in (RUN_CONFIG, "results_base.json", "results_new.json")]
     if not all(os.path.isfile(p) for p in paths):
         return None

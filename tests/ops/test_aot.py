@@ -139,7 +139,7 @@ def _run_op(job, torch):
         out.backward(torch.ones_like(out))
 
     if op == "prefix_attention":
-        from fastprompt.ops.prefix_attention import triton as mod
+        from fastprompt.ops.prefix_attention import triton_impl as mod
         from tests.ops.test_prefix_attention import Case, make_inputs
 
         S, P, dh = job["S"], job["P"], job["dh"]
@@ -190,7 +190,7 @@ def _capture(jobs):
 
     launches = []
     for op in ("prefix_attention", "assemble", "condition", "pool_project", "vapt_prompts"):
-        module = importlib.import_module(f"fastprompt.ops.{op}.triton")
+        module = importlib.import_module(f"fastprompt.ops.{op}.triton_impl")
         for name, kernel in vars(module).items():
             if isinstance(kernel, JITFunction):
                 kernel.run = (lambda k: lambda *a, grid, warmup, **kw: launches.append((k, a, kw)))(kernel)

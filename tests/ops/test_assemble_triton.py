@@ -32,7 +32,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-2, torch.bfl
 
 
 def _mod():
-    import fastprompt.ops.assemble.triton as mod
+    import fastprompt.ops.assemble.triton_impl as mod
 
     return mod
 

@@ -33,7 +33,7 @@ NAMES = ("x", "w1", "b1", "w2", "b2")
 
 
 def _mod():
-    import fastprompt.ops.condition.triton as mod
+    import fastprompt.ops.condition.triton_impl as mod
 
     return mod
 

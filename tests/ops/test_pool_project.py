@@ -40,7 +40,7 @@ def _compiled():
 
 
 def _triton():
-    from fastprompt.ops.pool_project.triton import pool_project_triton
+    from fastprompt.ops.pool_project.triton_impl import pool_project_triton
 
     return pool_project_triton
 
@@ -349,9 +349,9 @@ class TestTriton:
 
     def test_opcheck(self):
         args = make_inputs(CASES[1], torch.float32, device=TRITON_DEVICE)
-        from fastprompt.ops.pool_project import triton as _mod  # noqa: F401  (registers the op)
+        from fastprompt.ops.pool_project import triton_impl as _mod  # noqa: F401  (registers the op)
 
-        torch.library.opcheck(torch.ops.fastprompt.pool_project_triton_forward.default, args)
+        torch.library.opcheck(torch.ops.fastprompt.pool_project_triton_fwd.default, args)
 
     @pytest.mark.parametrize(
         "mutate,pattern",

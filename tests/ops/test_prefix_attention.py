@@ -34,7 +34,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
 
 def _triton_module():
-    from fastprompt.ops.prefix_attention import triton as module
+    from fastprompt.ops.prefix_attention import triton_impl as module
 
     return module
 

@@ -146,7 +146,7 @@ def test_reference_equals_the_folded_linear_map():
 
 # ------------------------------------------------------------------ Triton == reference
 def _triton(*args):
-    from fastprompt.ops.vapt_prompts.triton import vapt_prompts_triton
+    from fastprompt.ops.vapt_prompts.triton_impl import vapt_prompts_triton
 
     return vapt_prompts_triton(*args)
 
@@ -154,7 +154,7 @@ def _triton(*args):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the kernels should fully overwrite starts as NaN."""
-    import fastprompt.ops.vapt_prompts.triton as mod
+    import fastprompt.ops.vapt_prompts.triton_impl as mod
 
     monkeypatch.setattr(mod, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
@@ -179,18 +179,18 @@ def test_triton_backward_is_deterministic():
 @needs_triton
 def test_opcheck():
     """schema, fake tensors, autograd registration and aot_dispatch of both custom ops."""
-    import fastprompt.ops.vapt_prompts.triton  # noqa: F401  (registers the ops)
+    import fastprompt.ops.vapt_prompts.triton_impl  # noqa: F401  (registers the ops)
 
     case = BY_NAME["tiny"]
     (x, lw, lb, k, tw, tb, w1, w2), _, _ = make_inputs(case, torch.float32)
     cm, hm = dropout_masks(case.B, case.D, case.N, case.Dh, 0.2, 0.2, torch.float32, "cpu")
     args = (x, lw, lb, 1e-5, k, tw, tb, w1, w2, case.H, case.W, cm, hm, 1.0)
-    torch.library.opcheck(torch.ops.fastprompt.vapt_prompts_fwd.default, args)
+    torch.library.opcheck(torch.ops.fastprompt.vapt_prompts_triton_fwd.default, args)
     with torch.no_grad():
-        _out, t, hid, mu, rstd = torch.ops.fastprompt.vapt_prompts_fwd(*args)
+        _out, t, hid, mu, rstd = torch.ops.fastprompt.vapt_prompts_triton_fwd(*args)
     bargs = (torch.randn(case.B, case.N, case.D), x.detach(), lw.detach(), lb.detach(), k.detach(), tw.detach(),
              w1.detach(), w2.detach(), case.H, case.W, cm, hm, 1.0, t, hid, mu, rstd)
-    torch.library.opcheck(torch.ops.fastprompt.vapt_prompts_bwd.default, bargs)
+    torch.library.opcheck(torch.ops.fastprompt.vapt_prompts_triton_bwd.default, bargs)
 
 
 # ------------------------------------------------------------------ dispatch and errors

@@ -78,7 +78,7 @@ def _coop(clip_and_tokenizer, names, csc=False):
 
 
 def test_learner_chunks_match_the_full_class_list(clip_and_tokenizer):
-    from fastprompt.data import load_classnames
+    from fastprompt.datasets.classlists import load_classnames
 
     names = load_classnames("imagenet")[:24]
     learner = _coop(clip_and_tokenizer, names)

@@ -8,16 +8,30 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, compiled_ok, reference_ok, triton_ok
+from fastprompt.ops._dispatch import cast_floating, register_op
 from fastprompt.ops.assemble.reference import assemble_reference
 
-__all__ = ["assemble", "assemble_reference", "BACKENDS"]
+__all__ = ["assemble", "assemble_reference", "BACKENDS", "OP"]
 
-BACKENDS = OpBackends(
+def _promote(args, low):
+    # The kernels take one dtype; the reference's additions and concatenation promote (autocast leaves them
+    # alone), so mixed inputs (e.g. a bf16 shift from an autocast meta-net) are promoted the same way.
+    ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx = args
+    dtype = ctx.dtype
+    for t in (shift, fixed, pos):
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    ctx, shift, fixed, pos = cast_floating(dtype, ctx, shift, fixed, pos)
+    return (ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx), lambda out: out
+
+
+OP = register_op(
     "assemble",
-    {"reference": reference_ok, "compiled": compiled_ok, "triton": triton_ok},
-    {"cuda": ("compiled", "triton"), "cpu": ("compiled",)},
+    backends={"compiled": "compiled", "triton": "triton_impl"},
+    preference={"cuda": ("compiled", "triton"), "cpu": ("compiled",)},
+    prepare=_promote,
 )
+BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def assemble(
@@ -37,24 +51,4 @@ def assemble(
     Shapes: ctx [G, M, D], shift [G, D] | None, fixed [C, L, D], slot [C, L] int64, pos [P_total, D],
     g_idx [N] int64, c_idx [N] int64  ->  [N, L, D]. See ``assemble_reference`` for the formula.
     """
-    name = BACKENDS.resolve(backend, ctx.device, strict)
-    if name != "reference":
-        # The kernels take one dtype; the reference's additions and concatenation promote (autocast leaves
-        # them alone), so mixed inputs (e.g. a bf16 shift from an autocast meta-net) are promoted the same way.
-        floats = [t for t in (ctx, shift, fixed, pos) if t is not None]
-        dtype = floats[0].dtype
-        for t in floats[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
-        ctx, shift, fixed, pos = cast_floating(dtype, ctx, shift, fixed, pos)
-        if autocast_dtype(ctx.device) is not None:
-            with torch.autocast(ctx.device.type, enabled=False):
-                return assemble(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx, backend=name)
-    if name == "compiled":
-        from fastprompt.ops.assemble.compiled import assemble_compiled
-
-        return assemble_compiled(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx)
-    if name == "triton":
-        from fastprompt.ops.assemble.triton import assemble_triton
-
-        return assemble_triton(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx)
-    return assemble_reference(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx)
+    return OP(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx, backend=backend, strict=strict, device=ctx.device)

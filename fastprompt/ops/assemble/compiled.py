@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastprompt._extension import extension_loaded, load_error
+from fastprompt.ops._dispatch import register_impl
 
 if not extension_loaded():
     raise ImportError(f"fastprompt._C is not available: {load_error()}")
@@ -24,6 +25,7 @@ __all__ = ["assemble_compiled"]
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
+@register_impl("assemble", backend="compiled")
 def assemble_compiled(
     ctx: torch.Tensor,
     shift: Optional[torch.Tensor],

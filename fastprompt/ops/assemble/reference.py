@@ -5,7 +5,10 @@ from typing import Optional
 
 import torch
 
+from fastprompt.ops._dispatch import register_impl
 
+
+@register_impl("assemble", backend="reference")
 def assemble_reference(
     ctx: torch.Tensor,
     shift: Optional[torch.Tensor],

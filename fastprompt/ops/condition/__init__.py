@@ -8,16 +8,15 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, reference_ok, triton_ok
+from fastprompt.ops._dispatch import cast_inputs_to_autocast, register_op
 from fastprompt.ops.condition.reference import condition_reference
 
-__all__ = ["condition", "condition_reference", "BACKENDS"]
+__all__ = ["condition", "condition_reference", "BACKENDS", "OP"]
 
-BACKENDS = OpBackends(
-    "condition",
-    {"reference": reference_ok, "triton": triton_ok},
-    {"cuda": ("triton",), "cpu": ()},
-)
+# Autocast runs the reference's Linear layers in its low-precision dtype.
+OP = register_op("condition", backends={"triton": "triton_impl"}, preference={"cuda": ("triton",), "cpu": ()},
+                 prepare=cast_inputs_to_autocast)
+BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def condition(
@@ -38,15 +37,4 @@ def condition(
     (``act((scale * x) @ w1.T + b1) @ w2.T + b2``; ``w2 = None`` gives one linear layer). See
     ``condition_reference`` for the formula.
     """
-    name = BACKENDS.resolve(backend, x.device, strict)
-    low = autocast_dtype(x.device)
-    if low is not None and name != "reference":
-        # Autocast runs the reference's Linear layers in its low-precision dtype.
-        x, w1, b1, w2, b2 = cast_floating(low, x, w1, b1, w2, b2)
-        with torch.autocast(x.device.type, enabled=False):
-            return condition(x, w1, b1, w2, b2, activation, negative_slope, scale, backend=name)
-    if name == "triton":
-        from fastprompt.ops.condition.triton import condition_triton
-
-        return condition_triton(x, w1, b1, w2, b2, activation, negative_slope, scale)
-    return condition_reference(x, w1, b1, w2, b2, activation, negative_slope, scale)
+    return OP(x, w1, b1, w2, b2, activation, negative_slope, scale, backend=backend, strict=strict, device=x.device)

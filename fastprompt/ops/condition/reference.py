@@ -6,9 +6,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastprompt.ops._dispatch import register_impl
+
 ACTIVATIONS = ("relu", "leaky_relu", "none")
 
 
+@register_impl("condition", backend="reference")
 def condition_reference(
     x: torch.Tensor,
     w1: torch.Tensor,

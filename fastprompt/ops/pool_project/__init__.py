@@ -8,16 +8,29 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, compiled_ok, reference_ok, triton_ok
+from fastprompt.ops._dispatch import cast_floating, register_op
 from fastprompt.ops.pool_project.reference import pool_project_reference
 
-__all__ = ["pool_project", "pool_project_reference", "BACKENDS"]
+__all__ = ["pool_project", "pool_project_reference", "BACKENDS", "OP"]
 
-BACKENDS = OpBackends(
+def _autocast_as_reference(args, low):
+    # As autocast runs the reference: LayerNorm in float32, the projection GEMM in the autocast dtype. The kernel
+    # keeps float32 through the projection (a tighter result) and returns the reference's dtype.
+    if low is None:
+        return args, lambda out: out
+    x, rows, ln_weight, ln_bias, eps, proj, normalize = args
+    x, ln_weight, ln_bias, proj_32 = cast_floating(torch.float32, x, ln_weight, ln_bias, proj)
+    post = (lambda out: out.to(low)) if proj is not None else (lambda out: out)
+    return (x, rows, ln_weight, ln_bias, eps, proj_32, normalize), post
+
+
+OP = register_op(
     "pool_project",
-    {"reference": reference_ok, "compiled": compiled_ok, "triton": triton_ok},
-    {"cuda": ("compiled", "triton"), "cpu": ("compiled",)},
+    backends={"compiled": "compiled", "triton": "triton_impl"},
+    preference={"cuda": ("compiled", "triton"), "cpu": ("compiled",)},
+    prepare=_autocast_as_reference,
 )
+BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def pool_project(
@@ -36,21 +49,4 @@ def pool_project(
     Shapes: x [T, W], rows [N] int64 | None (N = T), ln_weight / ln_bias [W] | None, proj [W, E] | None (E = W)
     ->  [N, E] in x's dtype, differentiable w.r.t. x only. See ``pool_project_reference`` for the formula.
     """
-    name = BACKENDS.resolve(backend, x.device, strict)
-    low = autocast_dtype(x.device)
-    if low is not None and name != "reference":
-        # As autocast runs the reference: LayerNorm in float32, the projection GEMM in the autocast dtype. The
-        # kernel keeps float32 through the projection (a tighter result) and returns the reference's dtype.
-        x32, w32, b32, p32 = cast_floating(torch.float32, x, ln_weight, ln_bias, proj)
-        with torch.autocast(x.device.type, enabled=False):
-            out = pool_project(x32, rows, w32, b32, eps, p32, normalize, backend=name)
-        return out.to(low) if proj is not None else out
-    if name == "compiled":
-        from fastprompt.ops.pool_project.compiled import pool_project_compiled
-
-        return pool_project_compiled(x, rows, ln_weight, ln_bias, eps, proj, normalize)
-    if name == "triton":
-        from fastprompt.ops.pool_project.triton import pool_project_triton
-
-        return pool_project_triton(x, rows, ln_weight, ln_bias, eps, proj, normalize)
-    return pool_project_reference(x, rows, ln_weight, ln_bias, eps, proj, normalize)
+    return OP(x, rows, ln_weight, ln_bias, eps, proj, normalize, backend=backend, strict=strict, device=x.device)

@@ -17,6 +17,7 @@ import torch
 
 from fastprompt._extension import extension_loaded, load_error
 from fastprompt.ops.pool_project._autograd import make_backward, setup_context
+from fastprompt.ops._dispatch import register_impl
 
 if not extension_loaded():
     raise ImportError(f"fastprompt._C is not available: {load_error()}")
@@ -26,6 +27,7 @@ __all__ = ["pool_project_compiled"]
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
+@register_impl("pool_project", backend="compiled")
 def pool_project_compiled(
     x: torch.Tensor,
     rows: Optional[torch.Tensor],

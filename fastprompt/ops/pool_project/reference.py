@@ -6,7 +6,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from fastprompt.ops._dispatch import register_impl
 
+
+@register_impl("pool_project", backend="reference")
 def pool_project_reference(
     x: torch.Tensor,
     rows: Optional[torch.Tensor],

@@ -11,17 +11,17 @@ from typing import Optional
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, reference_ok, triton_ok
+from fastprompt.ops._dispatch import cast_inputs_to_autocast, register_op
 from fastprompt.ops.prefix_attention.eager import prefix_attention_eager
 from fastprompt.ops.prefix_attention.reference import prefix_attention_reference
 
-__all__ = ["prefix_attention", "prefix_attention_reference", "prefix_attention_eager", "BACKENDS"]
+__all__ = ["prefix_attention", "prefix_attention_reference", "prefix_attention_eager", "BACKENDS", "OP"]
 
-BACKENDS = OpBackends(
-    "prefix_attention",
-    {"reference": reference_ok, "eager": reference_ok, "triton": triton_ok},
-    {"cuda": ("triton", "eager"), "cpu": ("eager",)},
-)
+# Autocast runs the reference's attention in its low-precision dtype. "eager" (the memory-lean torch path) is what
+# "auto" picks on the CPU, and on a GPU without Triton.
+OP = register_op("prefix_attention", backends={"triton": "triton_impl", "eager": "eager"},
+                 preference={"cuda": ("triton", "eager"), "cpu": ("eager",)}, prepare=cast_inputs_to_autocast)
+BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def prefix_attention(
@@ -51,23 +51,8 @@ def prefix_attention(
     ``pairs_per_group`` (optional, eager backend): N / G when pair n reads group n // (N / G) (CoCoOp's
     all-pairs batch); a promise about g_idx that lets the eager backend batch its prefix products per group.
     """
-    name = BACKENDS.resolve(backend, q.device, strict)
+    name = OP.resolve(backend, q.device, strict)
     args = (q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
-    low = autocast_dtype(q.device)
-    if low is not None and name != "reference":
-        # Autocast runs the reference's attention in its low-precision dtype.
-        with torch.autocast(q.device.type, enabled=False):
-            return _run(name, *cast_floating(low, *args), pairs_per_group=pairs_per_group)
-    return _run(name, *args, pairs_per_group=pairs_per_group)
-
-
-def _run(name, q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen, pairs_per_group):
-    if name == "triton":
-        from fastprompt.ops.prefix_attention.triton import prefix_attention_triton
-
-        return prefix_attention_triton(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
-    if name == "eager":
-        return prefix_attention_eager(
-            q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen, pairs_per_group=pairs_per_group
-        )
-    return prefix_attention_reference(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
+    if name == "eager":  # the only backend that reads the hint
+        args = args + (pairs_per_group,)
+    return OP.run(name, *args, device=q.device)

@@ -28,6 +28,8 @@ from typing import Optional
 
 import torch
 
+from fastprompt.ops._dispatch import register_impl
+
 __all__ = ["prefix_attention_eager"]
 
 
@@ -170,6 +172,7 @@ class _PrefixAttention(torch.autograd.Function):
                 None, None, None, None)
 
 
+@register_impl("prefix_attention", backend="eager")
 def prefix_attention_eager(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -179,7 +182,6 @@ def prefix_attention_eager(
     cu_seqlens: torch.Tensor,
     g_idx: torch.Tensor,
     max_seqlen: int,
-    *,
     pairs_per_group: Optional[int] = None,
 ) -> torch.Tensor:
     """Shared-prefix attention on eager torch ops, saving only the inputs and a [T, H] log-sum-exp.

@@ -4,7 +4,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastprompt.ops._dispatch import register_impl
 
+
+@register_impl("prefix_attention", backend="reference")
 def prefix_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -9,18 +9,18 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastprompt.ops._dispatch import OpBackends, autocast_dtype, cast_floating, reference_ok, triton_ok
+from fastprompt.ops._dispatch import cast_inputs_to_autocast, register_op
 from fastprompt.ops.vapt_prompts.reference import dropout_masks, vapt_prompts_reference
 
-__all__ = ["vapt_prompts", "vapt_prompts_reference", "dropout_masks", "BACKENDS"]
+__all__ = ["vapt_prompts", "vapt_prompts_reference", "dropout_masks", "BACKENDS", "OP"]
 
 # No compiled (C++/CUDA) backend: on the CPU the eager reference is GEMM-bound at ViT-B sizes, and on CUDA the
-# Triton kernels already make it one launch per direction (see the module doc of triton.py).
-BACKENDS = OpBackends(
-    "vapt_prompts",
-    {"reference": reference_ok, "triton": triton_ok},
-    {"cuda": ("triton",), "cpu": ()},
-)
+# Triton kernels already make it one launch per direction (see the module doc of triton_impl.py).
+# Autocast runs the reference's conv and Linear layers in its low-precision dtype (LayerNorm in float32; the
+# kernel normalises in float32 from the low-precision input); the output is the low dtype, as there.
+OP = register_op("vapt_prompts", backends={"triton": "triton_impl"}, preference={"cuda": ("triton",), "cpu": ()},
+                 prepare=cast_inputs_to_autocast)
+BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def vapt_prompts(
@@ -46,18 +46,5 @@ def vapt_prompts(
     tok_bias [N], w1 [Dh, D], w2 [D, Dh], chan_mask [B, D] | None, hidden_mask [B, N, Dh] | None -> [B, N, D].
     See ``vapt_prompts_reference`` for the formula.
     """
-    name = BACKENDS.resolve(backend, x.device, strict)
-    low = autocast_dtype(x.device)
-    if low is not None and name != "reference":
-        # Autocast runs the reference's conv and Linear layers in its low-precision dtype (LayerNorm in float32;
-        # the kernel normalises in float32 from the low-precision input); the output is the low dtype, as there.
-        args = cast_floating(low, x, ln_weight, ln_bias, kernel, tok_weight, tok_bias, w1, w2, chan_mask, hidden_mask)
-        with torch.autocast(x.device.type, enabled=False):
-            return vapt_prompts(*args[:3], eps, *args[3:8], grid, *args[8:], scale=scale, backend=name)
-    if name == "triton":
-        from fastprompt.ops.vapt_prompts.triton import vapt_prompts_triton
-
-        return vapt_prompts_triton(x, ln_weight, ln_bias, eps, kernel, tok_weight, tok_bias, w1, w2, grid,
-                                   chan_mask, hidden_mask, scale)
-    return vapt_prompts_reference(x, ln_weight, ln_bias, eps, kernel, tok_weight, tok_bias, w1, w2, grid,
-                                  chan_mask, hidden_mask, scale)
+    return OP(x, ln_weight, ln_bias, eps, kernel, tok_weight, tok_bias, w1, w2, grid, chan_mask, hidden_mask, scale,
+              backend=backend, strict=strict, device=x.device)

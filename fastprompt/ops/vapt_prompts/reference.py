@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from fastprompt.ops._dispatch import register_impl
+
 __all__ = ["vapt_prompts_reference", "dropout_masks", "check_vapt_args"]
 
 
@@ -64,6 +66,7 @@ def dropout_masks(B: int, D: int, N: int, Dh: int, p_chan: float, p_hidden: floa
     return draw((B, D), p_chan), draw((B, N, Dh), p_hidden)
 
 
+@register_impl("vapt_prompts", backend="reference")
 def vapt_prompts_reference(
     x: torch.Tensor,
     ln_weight: torch.Tensor,

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastprompt.ops._dispatch import register_impl
+
 __all__ = ["assemble_triton"]
 
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -364,6 +366,7 @@ torch.library.register_autograd("fastprompt::assemble_triton_fwd", _backward, se
 
 
 # ---------------------------------------------------------------------------------------------- public
+@register_impl("assemble", backend="triton")
 def assemble_triton(
     ctx: torch.Tensor,
     shift: Optional[torch.Tensor],

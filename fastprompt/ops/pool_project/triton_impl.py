@@ -13,7 +13,7 @@ Kernels (one program per row, the whole row in one block of ``next_power_of_2(W)
 Intermediates (y, h, g_h, g_y) are in x's dtype, as the reference rounds them, so the GEMMs run at the input
 precision (float64 inputs are computed in float32 here: use the compiled backend for exact float64).
 
-The launches are wrapped in ``torch.library.custom_op`` (``fastprompt::pool_project_triton_forward`` /
+The launches are wrapped in ``torch.library.custom_op`` (``fastprompt::pool_project_triton_fwd`` /
 ``_backward``) with fake kernels and the autograd formula (gradient w.r.t. x only). Triton runs on CUDA, or on
 the CPU under ``TRITON_INTERPRET=1`` (set before this module is imported).
 """
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from fastprompt.ops.pool_project._autograd import make_backward, setup_context
+from fastprompt.ops._dispatch import register_impl
 
 __all__ = ["pool_project_triton"]
 
@@ -154,7 +155,7 @@ def _check(x, rows, ln_weight, ln_bias, eps, proj) -> None:
             raise ValueError(f"pool_project: {name} is on {t.device} but x is on {x.device}; all inputs must be on the same device")
 
 
-@torch.library.custom_op("fastprompt::pool_project_triton_forward", mutates_args=())
+@torch.library.custom_op("fastprompt::pool_project_triton_fwd", mutates_args=())
 def _forward_op(
     x: torch.Tensor,
     rows: Optional[torch.Tensor],
@@ -213,7 +214,7 @@ def _forward_fake(x, rows, ln_weight, ln_bias, eps, proj, normalize):
     )
 
 
-@torch.library.custom_op("fastprompt::pool_project_triton_backward", mutates_args=())
+@torch.library.custom_op("fastprompt::pool_project_triton_bwd", mutates_args=())
 def _backward_op(
     grad_out: torch.Tensor,
     out: torch.Tensor,
@@ -270,6 +271,7 @@ def _backward_fake(grad_out, out, x, rows, ln_weight, mean, rstd, norm, proj, no
 _forward_op.register_autograd(make_backward(_backward_op), setup_context=setup_context)
 
 
+@register_impl("pool_project", backend="triton")
 def pool_project_triton(
     x: torch.Tensor,
     rows: Optional[torch.Tensor],

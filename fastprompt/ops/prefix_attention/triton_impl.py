@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastprompt.ops._dispatch import register_impl
+
 __all__ = ["prefix_attention_triton"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -505,6 +507,7 @@ def _backward_formula(ctx, dout, dlse):
 prefix_attention_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
+@register_impl("prefix_attention", backend="triton")
 def prefix_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,

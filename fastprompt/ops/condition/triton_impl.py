@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from fastprompt.ops.condition.reference import ACTIVATIONS
+from fastprompt.ops._dispatch import register_impl
 
 __all__ = ["condition_triton"]
 
@@ -474,6 +475,7 @@ torch.library.register_autograd("fastprompt::condition_triton_fwd", _backward, s
 
 
 # ---------------------------------------------------------------------------------------------- public
+@register_impl("condition", backend="triton")
 def condition_triton(
     x: torch.Tensor,
     w1: torch.Tensor,

@@ -4,9 +4,9 @@ Same contract as :func:`fastprompt.ops.vapt_prompts.reference.vapt_prompts_refer
 registers two ``torch.library`` custom ops (opaque to ``torch.compile``, checked by ``torch.library.opcheck``),
 their fake kernels, and the autograd formula of the forward:
 
-* ``fastprompt::vapt_prompts_fwd(x, ln_weight, ln_bias, eps, kernel, tok_weight, tok_bias, w1, w2, H, W,
+* ``fastprompt::vapt_prompts_triton_fwd(x, ln_weight, ln_bias, eps, kernel, tok_weight, tok_bias, w1, w2, H, W,
   chan_mask?, hidden_mask?, scale) -> (out [B, N, D], t [B, N, D], hidden [B, N, Dh], mean [B, P], rstd [B, P])``
-* ``fastprompt::vapt_prompts_bwd(grad_out, x, ln_weight, ln_bias, kernel, tok_weight, w1, w2, H, W, chan_mask?,
+* ``fastprompt::vapt_prompts_triton_bwd(grad_out, x, ln_weight, ln_bias, kernel, tok_weight, w1, w2, H, W, chan_mask?,
   hidden_mask?, scale, t, hidden, mean, rstd) -> (grad_x, grad_ln_weight, grad_ln_bias, grad_kernel,
   grad_tok_weight, grad_tok_bias, grad_w1, grad_w2)``
 
@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from fastprompt.ops.vapt_prompts.reference import check_vapt_args
+from fastprompt.ops._dispatch import register_impl
 
 __all__ = ["vapt_prompts_triton"]
 
@@ -307,7 +308,7 @@ def _blocks(N, DH, D):
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fastprompt::vapt_prompts_fwd", mutates_args=())
+@torch.library.custom_op("fastprompt::vapt_prompts_triton_fwd", mutates_args=())
 def _vapt_fwd(
     x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, kernel: torch.Tensor,
     tok_weight: torch.Tensor, tok_bias: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, H: int, W: int,
@@ -362,7 +363,7 @@ def _fold_kernel_grads(ga: torch.Tensor, kernel: torch.Tensor, tok_weight: torch
     return g_k, g_wt.reshape(N, Hc * Wc)
 
 
-@torch.library.custom_op("fastprompt::vapt_prompts_bwd", mutates_args=())
+@torch.library.custom_op("fastprompt::vapt_prompts_triton_bwd", mutates_args=())
 def _vapt_bwd(
     grad_out: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, kernel: torch.Tensor,
     tok_weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, H: int, W: int,
@@ -370,7 +371,7 @@ def _vapt_bwd(
     t: torch.Tensor, hidden: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, P, D, N, DH, K, Hc, Wc = _shapes(x, kernel, tok_weight, w1, H, W)
-    torch._check(tuple(grad_out.shape) == (B, N, D), lambda: f"vapt_prompts_bwd: grad_out must be [{B}, {N}, {D}]")
+    torch._check(tuple(grad_out.shape) == (B, N, D), lambda: f"vapt_prompts_triton_bwd: grad_out must be [{B}, {N}, {D}]")
     acc, dev, dt = _acc_dtype(x.dtype), x.device, x.dtype
     gx = _empty((B, P, D), dt, dev)
     gs = _empty((B, N, D), acc, dev)
@@ -424,7 +425,7 @@ def _backward(ctx, grad_out, _gt, _gh, _gm, _gr):
     need = ctx.needs_input_grad
     if not any(need):
         return (None,) * 14
-    gx, glw, glb, gk, gtw, gtb, gw1, gw2 = torch.ops.fastprompt.vapt_prompts_bwd(
+    gx, glw, glb, gk, gtw, gtb, gw1, gw2 = torch.ops.fastprompt.vapt_prompts_triton_bwd(
         grad_out, x, ln_weight, ln_bias, kernel, tok_weight, w1, w2, ctx.H, ctx.W, chan_mask, hidden_mask,
         ctx.scale, t, hid, mu, rstd,
     )
@@ -433,10 +434,11 @@ def _backward(ctx, grad_out, _gt, _gh, _gm, _gr):
             pick(gw1, 7), pick(gw2, 8), None, None, None, None, None)
 
 
-torch.library.register_autograd("fastprompt::vapt_prompts_fwd", _backward, setup_context=_setup_context)
+torch.library.register_autograd("fastprompt::vapt_prompts_triton_fwd", _backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------- public
+@register_impl("vapt_prompts", backend="triton")
 def vapt_prompts_triton(
     x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, kernel: torch.Tensor,
     tok_weight: torch.Tensor, tok_bias: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, grid: Tuple[int, int],
@@ -447,7 +449,7 @@ def vapt_prompts_triton(
     Runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
     H, W = (int(v) for v in grid)
     check_vapt_args(x, ln_weight, ln_bias, kernel, tok_weight, tok_bias, w1, w2, (H, W), chan_mask, hidden_mask)
-    out, *_ = torch.ops.fastprompt.vapt_prompts_fwd(
+    out, *_ = torch.ops.fastprompt.vapt_prompts_triton_fwd(
         x, ln_weight, ln_bias, float(eps), kernel, tok_weight, tok_bias, w1, w2, H, W, chan_mask, hidden_mask,
         float(scale),
     )
