@@ -13,6 +13,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
+from fastprompt.datasets.classlists import list_classname_sets, load_classnames
+
 __all__ = ["make_synthetic_dataset", "SYNTHETIC_LAYOUTS"]
 
 # split_zhou json layouts share one writer; the others have their own.
@@ -39,8 +41,6 @@ SYNTHETIC_LAYOUTS = tuple(sorted(list(_ZHOU) + list(_IMAGENET_DG) + ["imagenet",
 
 def _classnames(layout: str, n: int) -> List[str]:
     """Real names of the matching shipped list where there are enough (realistic token lengths), else generic."""
-    from ..data import list_classname_sets, load_classnames
-
     source = {"imagefolder": "oxford_pets", "vtab": "dtd", "fgvc_json": "oxford_flowers"}.get(layout, layout)
     source = "imagenet" if source.startswith("imagenet") else source
     names = load_classnames(source) if source in list_classname_sets() else []

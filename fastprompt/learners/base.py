@@ -56,9 +56,9 @@ class LearnerConfig:
 
     backend: Optional[str] = None  # None: FASTPROMPT_BACKEND or "auto"
 
+    # (n_ctx: >= 1 unless ctx_init sets the context, checked by check_config_fields; SoftCPT's task_n_ctx may be 0)
     positive_fields: ClassVar[Tuple[str, ...]] = (
-        "n_ctx", "n_ctx_text", "n_ctx_vision", "num_tokens", "task_n_ctx", "vis_num_tokens", "txt_num_tokens",
-        "top_k",
+        "n_ctx_text", "n_ctx_vision", "num_tokens", "vis_num_tokens", "txt_num_tokens", "top_k",
     )
     nonnegative_fields: ClassVar[Tuple[str, ...]] = ("init_std",)
 
