@@ -49,7 +49,7 @@ void check_index_vector(const Tensor& idx, const char* name) {
 
 }  // namespace
 
-// Shape / dtype / device checks of assemble_forward's inputs (no data reads, so usable for CUDA too).
+// Shape / dtype / device checks of assemble_compiled_fwd's inputs (no data reads, so usable for CUDA too).
 void check_forward_inputs(const Tensor& ctx, const std::optional<Tensor>& shift, const Tensor& fixed,
                           const Tensor& slot, const Tensor& pos, int64_t pos_offset, const Tensor& g_idx,
                           const Tensor& c_idx) {
@@ -91,23 +91,23 @@ void check_forward_inputs(const Tensor& ctx, const std::optional<Tensor>& shift,
   check_same_device(ctx, c_idx, "c_idx");
 }
 
-// Shape / dtype / device checks of assemble_backward's inputs.
+// Shape / dtype / device checks of assemble_compiled_bwd's inputs.
 void check_backward_inputs(const Tensor& grad_out, const Tensor& slot, const Tensor& g_idx,
                            const Tensor& c_idx, int64_t G, int64_t M) {
-  TORCH_CHECK(grad_out.dim() == 3, "assemble_backward: grad_out must be [N, L, D], got shape ",
+  TORCH_CHECK(grad_out.dim() == 3, "assemble_compiled_bwd: grad_out must be [N, L, D], got shape ",
               grad_out.sizes());
   TORCH_CHECK(is_supported_float(grad_out.scalar_type()),
-              "assemble_backward: grad_out must be float64, float32, float16 or bfloat16, got ",
+              "assemble_compiled_bwd: grad_out must be float64, float32, float16 or bfloat16, got ",
               grad_out.scalar_type());
-  TORCH_CHECK(G >= 0 && M >= 0, "assemble_backward: G and M must be >= 0, got G=", G, ", M=", M);
+  TORCH_CHECK(G >= 0 && M >= 0, "assemble_compiled_bwd: G and M must be >= 0, got G=", G, ", M=", M);
   TORCH_CHECK(slot.scalar_type() == at::kLong && slot.dim() == 2,
-              "assemble_backward: slot must be an int64 [C, L] tensor, got ", slot.scalar_type(), " ",
+              "assemble_compiled_bwd: slot must be an int64 [C, L] tensor, got ", slot.scalar_type(), " ",
               slot.sizes());
   check_index_vector(g_idx, "g_idx");
   check_index_vector(c_idx, "c_idx");
   TORCH_CHECK(grad_out.size(0) == g_idx.size(0) && grad_out.size(0) == c_idx.size(0) &&
                   grad_out.size(1) == slot.size(1),
-              "assemble_backward: grad_out ", grad_out.sizes(), " must be [N, L, D] with N = len(g_idx) = ",
+              "assemble_compiled_bwd: grad_out ", grad_out.sizes(), " must be [N, L, D] with N = len(g_idx) = ",
               g_idx.size(0), ", len(c_idx) = ", c_idx.size(0), " and L = slot.size(1) = ", slot.size(1));
   check_same_device(grad_out, slot, "slot");
   check_same_device(grad_out, g_idx, "g_idx");
@@ -137,7 +137,7 @@ void check_slot_values(const Tensor& slot, int64_t M) {
   }
 }
 
-Tensor assemble_forward_cpu(const Tensor& ctx, const std::optional<Tensor>& shift, const Tensor& fixed,
+Tensor assemble_compiled_fwd_cpu(const Tensor& ctx, const std::optional<Tensor>& shift, const Tensor& fixed,
                             const Tensor& slot, const Tensor& pos, int64_t pos_offset, const Tensor& g_idx,
                             const Tensor& c_idx) {
   check_forward_inputs(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx);
@@ -160,7 +160,7 @@ Tensor assemble_forward_cpu(const Tensor& ctx, const std::optional<Tensor>& shif
   Tensor out = at::empty({N, L, D}, ctx.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "assemble_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "assemble_compiled_fwd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* ctx_p = ctx_c.const_data_ptr<scalar_t>();
     const scalar_t* shift_p = has_shift ? shift_c.const_data_ptr<scalar_t>() : nullptr;
@@ -204,7 +204,7 @@ Tensor assemble_forward_cpu(const Tensor& ctx, const std::optional<Tensor>& shif
   return out;
 }
 
-std::tuple<Tensor, Tensor> assemble_backward_cpu(const Tensor& grad_out, const Tensor& slot,
+std::tuple<Tensor, Tensor> assemble_compiled_bwd_cpu(const Tensor& grad_out, const Tensor& slot,
                                                  const Tensor& g_idx, const Tensor& c_idx, int64_t G,
                                                  int64_t M, bool has_shift) {
   check_backward_inputs(grad_out, slot, g_idx, c_idx, G, M);
@@ -256,7 +256,7 @@ std::tuple<Tensor, Tensor> assemble_backward_cpu(const Tensor& grad_out, const T
   dchunk = std::min<int64_t>(D, (dchunk + 15) / 16 * 16);
   const int64_t n_chunks = (D + dchunk - 1) / dchunk;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "assemble_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "assemble_compiled_bwd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* go_p = go_c.const_data_ptr<scalar_t>();
     scalar_t* gctx_p = grad_ctx.mutable_data_ptr<scalar_t>();
@@ -305,15 +305,15 @@ std::tuple<Tensor, Tensor> assemble_backward_cpu(const Tensor& grad_out, const T
 
 TORCH_LIBRARY_FRAGMENT(fastprompt, m) {
   m.def(
-      "assemble_forward(Tensor ctx, Tensor? shift, Tensor fixed, Tensor slot, Tensor pos, int pos_offset, "
+      "assemble_compiled_fwd(Tensor ctx, Tensor? shift, Tensor fixed, Tensor slot, Tensor pos, int pos_offset, "
       "Tensor g_idx, Tensor c_idx) -> Tensor");
   // grad_shift is a [G, D] tensor when has_shift, else an empty [0] tensor.
   m.def(
-      "assemble_backward(Tensor grad_out, Tensor slot, Tensor g_idx, Tensor c_idx, SymInt G, SymInt M, "
+      "assemble_compiled_bwd(Tensor grad_out, Tensor slot, Tensor g_idx, Tensor c_idx, SymInt G, SymInt M, "
       "bool has_shift) -> (Tensor grad_ctx, Tensor grad_shift)");
 }
 
 TORCH_LIBRARY_IMPL(fastprompt, CPU, m) {
-  m.impl("assemble_forward", &fastprompt::assemble::assemble_forward_cpu);
-  m.impl("assemble_backward", &fastprompt::assemble::assemble_backward_cpu);
+  m.impl("assemble_compiled_fwd", &fastprompt::assemble::assemble_compiled_fwd_cpu);
+  m.impl("assemble_compiled_bwd", &fastprompt::assemble::assemble_compiled_bwd_cpu);
 }

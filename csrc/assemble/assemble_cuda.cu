@@ -58,7 +58,7 @@ bool aligned_to(const void* p, size_t bytes) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename scalar_t, int VEC, bool HAS_SHIFT>
-__global__ void assemble_forward_kernel(const scalar_t* __restrict__ ctx, const scalar_t* __restrict__ shift,
+__global__ void assemble_compiled_fwd_kernel(const scalar_t* __restrict__ ctx, const scalar_t* __restrict__ shift,
                                         const scalar_t* __restrict__ fixed, const scalar_t* __restrict__ pos,
                                         const int64_t* __restrict__ slot, const int64_t* __restrict__ g_idx,
                                         const int64_t* __restrict__ c_idx, scalar_t* __restrict__ out, int64_t G,
@@ -110,16 +110,16 @@ void launch_forward(const scalar_t* ctx, const scalar_t* shift, const scalar_t* 
                     int64_t M, int64_t C, int64_t N, int64_t L, int64_t D, cudaStream_t stream) {
   const int64_t total = N * L * (D / VEC);
   const int64_t blocks = std::min(ceil_div(total, kForwardThreads), kMaxBlocks);
-  assemble_forward_kernel<scalar_t, VEC, HAS_SHIFT><<<static_cast<unsigned>(blocks), kForwardThreads, 0, stream>>>(
+  assemble_compiled_fwd_kernel<scalar_t, VEC, HAS_SHIFT><<<static_cast<unsigned>(blocks), kForwardThreads, 0, stream>>>(
       ctx, shift, fixed, pos, slot, g_idx, c_idx, out, G, M, C, L, D, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-Tensor assemble_forward_cuda(const Tensor& ctx, const std::optional<Tensor>& shift, const Tensor& fixed,
+Tensor assemble_compiled_fwd_cuda(const Tensor& ctx, const std::optional<Tensor>& shift, const Tensor& fixed,
                              const Tensor& slot, const Tensor& pos, int64_t pos_offset, const Tensor& g_idx,
                              const Tensor& c_idx) {
   check_forward_inputs(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx);
-  TORCH_CHECK(ctx.is_cuda(), "assemble_forward_cuda: inputs must be CUDA tensors, got ", ctx.device());
+  TORCH_CHECK(ctx.is_cuda(), "assemble_compiled_fwd_cuda: inputs must be CUDA tensors, got ", ctx.device());
   c10::cuda::CUDAGuard guard(ctx.device());
   const bool has_shift = shift.has_value() && shift->defined();
   const int64_t G = ctx.size(0), M = ctx.size(1), D = ctx.size(2);
@@ -138,7 +138,7 @@ Tensor assemble_forward_cuda(const Tensor& ctx, const std::optional<Tensor>& shi
   if (out.numel() == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "assemble_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "assemble_compiled_fwd_cuda", [&] {
     constexpr int kVec = 16 / sizeof(scalar_t);
     const scalar_t* ctx_p = ctx_c.const_data_ptr<scalar_t>();
     const scalar_t* shift_p = has_shift ? shift_c.const_data_ptr<scalar_t>() : nullptr;
@@ -173,18 +173,18 @@ __global__ void assemble_check_indices_kernel(const int64_t* __restrict__ g_idx,
   const int64_t total = N > CL ? N : CL;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     if (i < N) {
-      CUDA_KERNEL_ASSERT(g_idx[i] >= 0 && g_idx[i] < G && "assemble_backward: g_idx out of range [0, G)");
-      CUDA_KERNEL_ASSERT(c_idx[i] >= 0 && c_idx[i] < C && "assemble_backward: c_idx out of range [0, C)");
+      CUDA_KERNEL_ASSERT(g_idx[i] >= 0 && g_idx[i] < G && "assemble_compiled_bwd: g_idx out of range [0, G)");
+      CUDA_KERNEL_ASSERT(c_idx[i] >= 0 && c_idx[i] < C && "assemble_compiled_bwd: c_idx out of range [0, C)");
     }
     if (i < CL) {
-      CUDA_KERNEL_ASSERT(slot[i] < M && "assemble_backward: slot out of range (must be < M)");
+      CUDA_KERNEL_ASSERT(slot[i] < M && "assemble_compiled_bwd: slot out of range (must be < M)");
     }
   }
 }
 
 // Stage 1: block = (g, s, chunk of D); thread d owns partial[g, s, :, d].
 template <typename scalar_t>
-__global__ void assemble_backward_partial_kernel(const scalar_t* __restrict__ grad_out,
+__global__ void assemble_compiled_bwd_partial_kernel(const scalar_t* __restrict__ grad_out,
                                                  const int64_t* __restrict__ slot,
                                                  const int64_t* __restrict__ c_idx,
                                                  const int64_t* __restrict__ order,
@@ -215,7 +215,7 @@ __global__ void assemble_backward_partial_kernel(const scalar_t* __restrict__ gr
 
 // Stage 2: thread (g, d): grad_ctx[g, k, d] = sum_s partial[g, s, k, d]; grad_shift[g, d] = sum_k grad_ctx.
 template <typename scalar_t>
-__global__ void assemble_backward_finalize_kernel(const at::opmath_type<scalar_t>* __restrict__ partial,
+__global__ void assemble_compiled_bwd_finalize_kernel(const at::opmath_type<scalar_t>* __restrict__ partial,
                                                   scalar_t* __restrict__ grad_ctx,
                                                   scalar_t* __restrict__ grad_shift, int64_t G, int64_t S,
                                                   int64_t M, int64_t D) {
@@ -234,10 +234,10 @@ __global__ void assemble_backward_finalize_kernel(const at::opmath_type<scalar_t
   }
 }
 
-std::tuple<Tensor, Tensor> assemble_backward_cuda(const Tensor& grad_out, const Tensor& slot, const Tensor& g_idx,
+std::tuple<Tensor, Tensor> assemble_compiled_bwd_cuda(const Tensor& grad_out, const Tensor& slot, const Tensor& g_idx,
                                                   const Tensor& c_idx, int64_t G, int64_t M, bool has_shift) {
   check_backward_inputs(grad_out, slot, g_idx, c_idx, G, M);
-  TORCH_CHECK(grad_out.is_cuda(), "assemble_backward_cuda: inputs must be CUDA tensors, got ", grad_out.device());
+  TORCH_CHECK(grad_out.is_cuda(), "assemble_compiled_bwd_cuda: inputs must be CUDA tensors, got ", grad_out.device());
   c10::cuda::CUDAGuard guard(grad_out.device());
   const int64_t N = grad_out.size(0), L = grad_out.size(1), D = grad_out.size(2);
   const int64_t C = slot.size(0);
@@ -275,27 +275,27 @@ std::tuple<Tensor, Tensor> assemble_backward_cuda(const Tensor& grad_out, const 
   const int64_t base_blocks = G * d_blocks;
   const int64_t pairs_per_group = ceil_div(N, G);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "assemble_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "assemble_compiled_bwd_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     int64_t S = ceil_div(int64_t(8) * sms, base_blocks);
     S = std::min(S, std::max<int64_t>(1, pairs_per_group / 4));
     const int64_t per_split_bytes = std::max<int64_t>(1, G * M * D * int64_t(sizeof(opmath_t)));
     S = std::max<int64_t>(1, std::min(S, kMaxPartialBytes / per_split_bytes));
     const int64_t partial_blocks = base_blocks * S;
-    TORCH_CHECK(partial_blocks < (int64_t(1) << 31), "assemble_backward_cuda: too many blocks (", partial_blocks,
+    TORCH_CHECK(partial_blocks < (int64_t(1) << 31), "assemble_compiled_bwd_cuda: too many blocks (", partial_blocks,
                 ")");
     const auto acc_dtype = c10::CppTypeToScalarType<opmath_t>::value;
     Tensor partial = at::empty({G, S, M, D}, opts.dtype(acc_dtype));
     opmath_t* partial_p = partial.mutable_data_ptr<opmath_t>();
 
     if (M > 0) {
-      assemble_backward_partial_kernel<scalar_t><<<static_cast<unsigned>(partial_blocks), kBackwardThreads, 0, stream>>>(
+      assemble_compiled_bwd_partial_kernel<scalar_t><<<static_cast<unsigned>(partial_blocks), kBackwardThreads, 0, stream>>>(
           go_c.const_data_ptr<scalar_t>(), slot_c.const_data_ptr<int64_t>(), c_c.const_data_ptr<int64_t>(),
           order.const_data_ptr<int64_t>(), group_off.const_data_ptr<int64_t>(), partial_p, S, M, L, D, d_blocks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const int64_t fin_blocks = std::min(ceil_div(G * D, kForwardThreads), kMaxBlocks);
-    assemble_backward_finalize_kernel<scalar_t><<<static_cast<unsigned>(fin_blocks), kForwardThreads, 0, stream>>>(
+    assemble_compiled_bwd_finalize_kernel<scalar_t><<<static_cast<unsigned>(fin_blocks), kForwardThreads, 0, stream>>>(
         partial_p, grad_ctx.mutable_data_ptr<scalar_t>(),
         has_shift ? grad_shift.mutable_data_ptr<scalar_t>() : nullptr, G, S, M, D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -308,6 +308,6 @@ std::tuple<Tensor, Tensor> assemble_backward_cuda(const Tensor& grad_out, const 
 }  // namespace fastprompt
 
 TORCH_LIBRARY_IMPL(fastprompt, CUDA, m) {
-  m.impl("assemble_forward", &fastprompt::assemble::assemble_forward_cuda);
-  m.impl("assemble_backward", &fastprompt::assemble::assemble_backward_cuda);
+  m.impl("assemble_compiled_fwd", &fastprompt::assemble::assemble_compiled_fwd_cuda);
+  m.impl("assemble_compiled_bwd", &fastprompt::assemble::assemble_compiled_bwd_cuda);
 }

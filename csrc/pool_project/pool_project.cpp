@@ -88,7 +88,7 @@ void check_rows(const std::optional<Tensor>& rows, const Tensor& x, const char* 
 
 at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Shape / dtype / device checks of pool_project_forward's inputs (no data reads: shared with CUDA).
+// Shape / dtype / device checks of pool_project_compiled_fwd's inputs (no data reads: shared with CUDA).
 void check_forward_inputs(const Tensor& x, const std::optional<Tensor>& rows, const std::optional<Tensor>& ln_weight,
                           const std::optional<Tensor>& ln_bias, double eps, const std::optional<Tensor>& proj) {
   const char* op = "pool_project";
@@ -104,12 +104,12 @@ void check_forward_inputs(const Tensor& x, const std::optional<Tensor>& rows, co
   check_proj(proj, W, x, op);
 }
 
-// Shape / dtype / device checks of pool_project_backward's inputs.
+// Shape / dtype / device checks of pool_project_compiled_bwd's inputs.
 void check_backward_inputs(const Tensor& grad_out, const Tensor& out, const Tensor& x,
                            const std::optional<Tensor>& rows, const std::optional<Tensor>& ln_weight,
                            const Tensor& mean, const Tensor& rstd, const Tensor& norm,
                            const std::optional<Tensor>& proj, bool normalize) {
-  const char* op = "pool_project_backward";
+  const char* op = "pool_project_compiled_bwd";
   TORCH_CHECK(x.dim() == 2 && x.size(1) > 0, op, ": x must be [T, W] with W > 0, got shape ", x.sizes());
   TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": x must be float64, float32, float16 or bfloat16, got ",
               x.scalar_type());
@@ -345,13 +345,13 @@ void layer_norm_backward_scatter(const scalar_t* x, const gy_t* gy, const at::op
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> pool_project_forward_cpu(const Tensor& x, const std::optional<Tensor>& rows,
+std::tuple<Tensor, Tensor, Tensor, Tensor> pool_project_compiled_fwd_cpu(const Tensor& x, const std::optional<Tensor>& rows,
                                                                      const std::optional<Tensor>& ln_weight,
                                                                      const std::optional<Tensor>& ln_bias, double eps,
                                                                      const std::optional<Tensor>& proj,
                                                                      bool normalize) {
   check_forward_inputs(x, rows, ln_weight, ln_bias, eps, proj);
-  TORCH_CHECK(x.device().is_cpu(), "pool_project_forward_cpu: inputs must be CPU tensors, got ", x.device());
+  TORCH_CHECK(x.device().is_cpu(), "pool_project_compiled_fwd_cpu: inputs must be CPU tensors, got ", x.device());
   const bool has_rows = present(rows), has_proj = present(proj);
   const int64_t T = x.size(0), W = x.size(1);
   const int64_t N = has_rows ? rows->size(0) : T;
@@ -376,7 +376,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pool_project_forward_cpu(const Tensor
   const bool ln_to_out = !has_proj && !normalize;
   Tensor y = ln_to_out ? out : at::empty({N, W}, aopts);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pool_project_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pool_project_compiled_fwd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* x_p = x_c.const_data_ptr<scalar_t>();
     const int64_t* rows_p = has_rows ? rows_c.const_data_ptr<int64_t>() : nullptr;
@@ -409,12 +409,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pool_project_forward_cpu(const Tensor
   return {out, mean, rstd, norm};
 }
 
-Tensor pool_project_backward_cpu(const Tensor& grad_out, const Tensor& out, const Tensor& x,
+Tensor pool_project_compiled_bwd_cpu(const Tensor& grad_out, const Tensor& out, const Tensor& x,
                                  const std::optional<Tensor>& rows, const std::optional<Tensor>& ln_weight,
                                  const Tensor& mean, const Tensor& rstd, const Tensor& norm,
                                  const std::optional<Tensor>& proj, bool normalize) {
   check_backward_inputs(grad_out, out, x, rows, ln_weight, mean, rstd, norm, proj, normalize);
-  TORCH_CHECK(x.device().is_cpu(), "pool_project_backward_cpu: inputs must be CPU tensors, got ", x.device());
+  TORCH_CHECK(x.device().is_cpu(), "pool_project_compiled_bwd_cpu: inputs must be CPU tensors, got ", x.device());
   const bool has_rows = present(rows), has_proj = present(proj);
   const int64_t T = x.size(0), W = x.size(1);
   const int64_t N = grad_out.size(0), E = grad_out.size(1);
@@ -444,7 +444,7 @@ Tensor pool_project_backward_cpu(const Tensor& grad_out, const Tensor& out, cons
     for (int64_t n = 0; n < N; ++n) order[cursor[r[n]]++] = n;
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pool_project_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pool_project_compiled_bwd_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     // g_h: gradient w.r.t. the projected rows (accumulation type), then g_y = g_h @ proj^T.
     Tensor gh;
@@ -481,14 +481,14 @@ Tensor pool_project_backward_cpu(const Tensor& grad_out, const Tensor& out, cons
 TORCH_LIBRARY_FRAGMENT(fastprompt, m) {
   // mean, rstd: [N]; norm: [N] when normalize, else [0]; all in float64 for float64 x, else float32.
   m.def(
-      "pool_project_forward(Tensor x, Tensor? rows, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor? proj, "
+      "pool_project_compiled_fwd(Tensor x, Tensor? rows, Tensor? ln_weight, Tensor? ln_bias, float eps, Tensor? proj, "
       "bool normalize) -> (Tensor out, Tensor mean, Tensor rstd, Tensor norm)");
   m.def(
-      "pool_project_backward(Tensor grad_out, Tensor out, Tensor x, Tensor? rows, Tensor? ln_weight, Tensor mean, "
+      "pool_project_compiled_bwd(Tensor grad_out, Tensor out, Tensor x, Tensor? rows, Tensor? ln_weight, Tensor mean, "
       "Tensor rstd, Tensor norm, Tensor? proj, bool normalize) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastprompt, CPU, m) {
-  m.impl("pool_project_forward", &fastprompt::pool_project::pool_project_forward_cpu);
-  m.impl("pool_project_backward", &fastprompt::pool_project::pool_project_backward_cpu);
+  m.impl("pool_project_compiled_fwd", &fastprompt::pool_project::pool_project_compiled_fwd_cpu);
+  m.impl("pool_project_compiled_bwd", &fastprompt::pool_project::pool_project_compiled_bwd_cpu);
 }

@@ -246,7 +246,7 @@ __global__ void layer_norm_backward_scatter_kernel(const scalar_t* __restrict__ 
   opmath_t* acc = reinterpret_cast<opmath_t*>(smem_raw);
   __shared__ opmath_t scratch[64];
   if (offsets != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
-    CUDA_KERNEL_ASSERT(offsets[0] == 0 && offsets[T] == N && "pool_project_backward: rows out of range [0, T)");
+    CUDA_KERNEL_ASSERT(offsets[0] == 0 && offsets[T] == N && "pool_project_compiled_bwd: rows out of range [0, T)");
   }
   const int64_t WV = W / VEC;
   const opmath_t inv_w = opmath_t(1) / static_cast<opmath_t>(W);
@@ -316,13 +316,13 @@ int row_blocks(int64_t rows) {
   return static_cast<int>(std::min(std::max<int64_t>(ceil_div(rows, kRowWarps), 1), kMaxBlocks));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> pool_project_forward_cuda(const Tensor& x, const std::optional<Tensor>& rows,
+std::tuple<Tensor, Tensor, Tensor, Tensor> pool_project_compiled_fwd_cuda(const Tensor& x, const std::optional<Tensor>& rows,
                                                                       const std::optional<Tensor>& ln_weight,
                                                                       const std::optional<Tensor>& ln_bias, double eps,
                                                                       const std::optional<Tensor>& proj,
                                                                       bool normalize) {
   check_forward_inputs(x, rows, ln_weight, ln_bias, eps, proj);
-  TORCH_CHECK(x.is_cuda(), "pool_project_forward_cuda: inputs must be CUDA tensors, got ", x.device());
+  TORCH_CHECK(x.is_cuda(), "pool_project_compiled_fwd_cuda: inputs must be CUDA tensors, got ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   const bool has_rows = present(rows), has_proj = present(proj);
   const int64_t T = x.size(0), W = x.size(1);
@@ -343,7 +343,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pool_project_forward_cuda(const Tenso
   Tensor y = at::empty({N, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pool_project_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pool_project_compiled_fwd_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
     if (N > 0) {
@@ -389,12 +389,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> pool_project_forward_cuda(const Tenso
   return {h, mean, rstd, norm};
 }
 
-Tensor pool_project_backward_cuda(const Tensor& grad_out, const Tensor& out, const Tensor& x,
+Tensor pool_project_compiled_bwd_cuda(const Tensor& grad_out, const Tensor& out, const Tensor& x,
                                   const std::optional<Tensor>& rows, const std::optional<Tensor>& ln_weight,
                                   const Tensor& mean, const Tensor& rstd, const Tensor& norm,
                                   const std::optional<Tensor>& proj, bool normalize) {
   check_backward_inputs(grad_out, out, x, rows, ln_weight, mean, rstd, norm, proj, normalize);
-  TORCH_CHECK(x.is_cuda(), "pool_project_backward_cuda: inputs must be CUDA tensors, got ", x.device());
+  TORCH_CHECK(x.is_cuda(), "pool_project_compiled_bwd_cuda: inputs must be CUDA tensors, got ", x.device());
   c10::cuda::CUDAGuard guard(x.device());
   const bool has_rows = present(rows), has_proj = present(proj);
   const int64_t T = x.size(0), W = x.size(1);
@@ -445,11 +445,11 @@ Tensor pool_project_backward_cuda(const Tensor& grad_out, const Tensor& out, con
   }
 
   Tensor grad_x = at::empty({T, W}, opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pool_project_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "pool_project_compiled_bwd_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const int64_t shared = W * static_cast<int64_t>(sizeof(opmath_t));
-    TORCH_CHECK(shared <= kMaxSharedBytes, "pool_project_backward_cuda: W = ", W,
+    TORCH_CHECK(shared <= kMaxSharedBytes, "pool_project_compiled_bwd_cuda: W = ", W,
                 " is too wide (the row accumulator needs ", shared, " bytes of shared memory, at most ",
                 kMaxSharedBytes, ")");
     const scalar_t* x_p = x_c.const_data_ptr<scalar_t>();
@@ -481,6 +481,6 @@ Tensor pool_project_backward_cuda(const Tensor& grad_out, const Tensor& out, con
 }  // namespace fastprompt
 
 TORCH_LIBRARY_IMPL(fastprompt, CUDA, m) {
-  m.impl("pool_project_forward", &fastprompt::pool_project::pool_project_forward_cuda);
-  m.impl("pool_project_backward", &fastprompt::pool_project::pool_project_backward_cuda);
+  m.impl("pool_project_compiled_fwd", &fastprompt::pool_project::pool_project_compiled_fwd_cuda);
+  m.impl("pool_project_compiled_bwd", &fastprompt::pool_project::pool_project_compiled_bwd_cuda);
 }

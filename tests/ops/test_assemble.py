@@ -116,7 +116,7 @@ class TestCompiledCPU:
     def test_opcheck(self, with_shift):
         case = CASES[7] if with_shift else CASES[0]
         args = make_inputs(case, torch.float32)
-        torch.library.opcheck(torch.ops.fastprompt.assemble_forward.default, args)
+        torch.library.opcheck(torch.ops.fastprompt.assemble_compiled_fwd.default, args)
 
     def test_torch_compile(self):
         args = make_inputs(CASES[2], torch.float64)
@@ -170,10 +170,10 @@ class TestCompiledCPU:
         ctx, shift, fixed, slot, pos, off, g_idx, c_idx = make_inputs(CASES[7], torch.float64, requires_grad=False)
         grad = torch.randn(len(g_idx), slot.shape[1] + 1, ctx.shape[2], dtype=torch.float64)
         with pytest.raises(RuntimeError, match=r"grad_out .* must be \[N, L, D\]"):
-            torch.ops.fastprompt.assemble_backward(grad, slot, g_idx, c_idx, ctx.shape[0], ctx.shape[1], True)
+            torch.ops.fastprompt.assemble_compiled_bwd(grad, slot, g_idx, c_idx, ctx.shape[0], ctx.shape[1], True)
         grad = grad[:, :-1]
         with pytest.raises(RuntimeError, match=r"g_idx has value"):
-            torch.ops.fastprompt.assemble_backward(grad, slot, g_idx, c_idx, 1, ctx.shape[1], True)
+            torch.ops.fastprompt.assemble_compiled_bwd(grad, slot, g_idx, c_idx, 1, ctx.shape[1], True)
 
 
 # ----------------------------------------------------------------------------------------------- CUDA
@@ -208,7 +208,7 @@ class TestCompiledCUDA:
     @pytest.mark.parametrize("with_shift", [True, False], ids=["shift", "no_shift"])
     def test_opcheck(self, with_shift):
         args = make_inputs(CASES[7] if with_shift else CASES[0], torch.float32, device="cuda")
-        torch.library.opcheck(torch.ops.fastprompt.assemble_forward.default, args)
+        torch.library.opcheck(torch.ops.fastprompt.assemble_compiled_fwd.default, args)
 
     def test_dispatch(self):
         args = make_inputs(CASES[7], torch.float32, device="cuda")

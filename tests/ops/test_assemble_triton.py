@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from fastprompt.ops.assemble import BACKENDS, assemble  # noqa: E402
+from fastprompt.ops.assemble import OP, assemble  # noqa: E402
 from fastprompt.ops.assemble.reference import assemble_reference  # noqa: E402
 from tests.ops.assemble_cases import Case, assert_matches, rel_err, run_with_grads  # noqa: E402,F401
 from tests.ops.assemble_cases import make_inputs as _make_inputs  # noqa: E402
@@ -163,7 +163,7 @@ class TestTritonInterpreter:
     def test_dispatch(self):
         args = make_inputs(BY_NAME["random_repeats_suffix"])
         assert_matches(lambda *a: assemble(*a, backend="triton"), args, args, TOL[torch.float32])
-        assert BACKENDS.resolve("auto", torch.device("cpu")) != "triton"  # never the interpreter by default
+        assert OP.resolve("auto", torch.device("cpu")) != "triton"  # never the interpreter by default
 
     BAD = {
         "ctx_not_3d": (lambda a: a.update(ctx=a["ctx"][0]), r"ctx must be \[G, M, D\]"),

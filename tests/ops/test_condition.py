@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fastprompt.ops.condition import BACKENDS, condition
+from fastprompt.ops.condition import OP, condition
 from fastprompt.ops.condition.reference import condition_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -139,7 +139,7 @@ class TestDispatch:
         assert torch.equal(condition(*args, backend="reference"), condition_reference(*args))
 
     def test_auto_on_cpu_is_reference(self):
-        assert BACKENDS.resolve("auto", torch.device("cpu")) == "reference"
+        assert OP.resolve("auto", torch.device("cpu")) == "reference"
 
     def test_missing_backend(self):
         args = make_inputs(CASES[0])
@@ -296,7 +296,7 @@ class TestTritonCUDA:
         assert torch.equal(o1, o2) and all(torch.equal(g1[n], g2[n]) for n in g1)
 
     def test_auto_prefers_triton(self):
-        assert BACKENDS.resolve("auto", torch.device("cuda")) == "triton"
+        assert OP.resolve("auto", torch.device("cuda")) == "triton"
 
     def test_torch_compile_inductor(self):
         args = make_inputs(BY_NAME["capt_multi_block"], device="cuda")

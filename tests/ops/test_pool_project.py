@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastprompt._extension import extension_has_cuda, extension_loaded, load_error
-from fastprompt.ops.pool_project import BACKENDS, pool_project
+from fastprompt.ops.pool_project import OP, pool_project
 from fastprompt.ops.pool_project.reference import pool_project_reference
 
 needs_ext = pytest.mark.skipif(
@@ -22,7 +22,7 @@ needs_ext = pytest.mark.skipif(
 )
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_triton_ok, _triton_why = BACKENDS.available["triton"](torch.device(TRITON_DEVICE))
+_triton_ok, _triton_why = OP.available["triton"](torch.device(TRITON_DEVICE))
 needs_triton = pytest.mark.skipif(
     not _triton_ok,
     reason=f"Triton backend unavailable ({_triton_why}); run with TRITON_INTERPRET=1 to test it on the CPU",
@@ -249,7 +249,7 @@ class TestCompiledCPU:
     @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4], CASES[5]], ids=lambda c: c.name)
     def test_opcheck(self, case):
         args = make_inputs(case, torch.float32)
-        torch.library.opcheck(torch.ops.fastprompt.pool_project_forward.default, args)
+        torch.library.opcheck(torch.ops.fastprompt.pool_project_compiled_fwd.default, args)
 
     def test_torch_compile(self):
         args = make_inputs(CASES[1], torch.float64)
@@ -260,7 +260,7 @@ class TestCompiledCPU:
     @pytest.mark.parametrize("backend", ["compiled", "cpu", "auto"])
     def test_dispatch(self, backend):
         args = make_inputs(CASES[1], torch.float32)
-        assert BACKENDS.resolve(backend, torch.device("cpu")) == "compiled"
+        assert OP.resolve(backend, torch.device("cpu")) == "compiled"
         assert_matches(lambda *a: pool_project(*a, backend=backend), args, args, TOL[torch.float32])
 
     def test_dispatch_reference_and_errors(self):
@@ -299,8 +299,8 @@ class TestCompiledCPU:
 
     def test_bad_backward_inputs(self):
         x, rows, w, b, eps, proj, norm = make_inputs(CASES[1], torch.float64, requires_grad=False)
-        out, mean, rstd, nrm = torch.ops.fastprompt.pool_project_forward(x, rows, w, b, eps, proj, True)
-        bwd = torch.ops.fastprompt.pool_project_backward
+        out, mean, rstd, nrm = torch.ops.fastprompt.pool_project_compiled_fwd(x, rows, w, b, eps, proj, True)
+        bwd = torch.ops.fastprompt.pool_project_compiled_bwd
         with pytest.raises(RuntimeError, match=r"grad_out must be \[N, E\] = \[12, 8\]"):
             bwd(out[:-1], out, x, rows, w, mean, rstd, nrm, proj, True)
         with pytest.raises(RuntimeError, match=r"grad_out dtype Float differs from x dtype Double"):
@@ -439,7 +439,7 @@ class TestCUDA:
     @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=lambda c: c.name)
     def test_opcheck(self, case):
         args = make_inputs(case, torch.float32, device="cuda")
-        torch.library.opcheck(torch.ops.fastprompt.pool_project_forward.default, args)
+        torch.library.opcheck(torch.ops.fastprompt.pool_project_compiled_fwd.default, args)
 
     @needs_ext
     @pytest.mark.skipif(not extension_has_cuda(), reason="fastprompt._C was built without CUDA kernels")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastprompt.ops._dispatch import triton_ok
-from fastprompt.ops.prefix_attention import BACKENDS, prefix_attention
+from fastprompt.ops.prefix_attention import OP, prefix_attention
 from fastprompt.ops.prefix_attention.eager import prefix_attention_eager
 from fastprompt.ops.prefix_attention.reference import prefix_attention_reference
 
@@ -299,7 +299,7 @@ class TestTriton:
     def test_lse_value_and_gradient(self, small_blocks):
         """The saved log-sum-exp is exact and differentiable (its gradient folds into delta)."""
         args = make_inputs(BY_NAME["P17_dh32"], torch.float32, device=TRITON_DEVICE)
-        out, lse = torch.ops.fastprompt.prefix_attention_fwd(*args)
+        out, lse = torch.ops.fastprompt.prefix_attention_triton_fwd(*args)
         ref_args = as_float64(args)
         r_out, r_lse = naive(*ref_args[:7])
         assert rel_err(lse, r_lse) <= 1e-5 and rel_err(out, r_out) <= 1e-5
@@ -309,7 +309,7 @@ class TestTriton:
         want = torch.autograd.grad((r_out * g_out).sum() + (r_lse * g_lse).sum(), ref_args[:5])
         assert_close([out] + list(got), [r_out] + list(want), TOL[torch.float32])
         # lse alone (out unused: its gradient reaches the backward as None)
-        got = torch.autograd.grad(torch.ops.fastprompt.prefix_attention_fwd(*args)[1].sum(), args[:5])
+        got = torch.autograd.grad(torch.ops.fastprompt.prefix_attention_triton_fwd(*args)[1].sum(), args[:5])
         want = torch.autograd.grad(naive(*ref_args[:7])[1].sum(), ref_args[:5], allow_unused=True)
         for a, b in zip(got, want):  # lse does not depend on v / v_prefix
             assert rel_err(a, b) <= TOL[torch.float32] if b is not None else torch.all(a == 0)
@@ -355,7 +355,7 @@ class TestTriton:
     def test_opcheck(self):
         # Full test_utils (schema, autograd registration, fake tensor, aot_dispatch_dynamic): ~10 s here.
         args = make_inputs(BY_NAME["random_repeats_unused_group"], torch.float32, device=TRITON_DEVICE)
-        torch.library.opcheck(torch.ops.fastprompt.prefix_attention_fwd.default, args)
+        torch.library.opcheck(torch.ops.fastprompt.prefix_attention_triton_fwd.default, args)
 
     def test_torch_compile(self):
         args = make_inputs(BY_NAME["random_repeats_unused_group"], torch.float32, device=TRITON_DEVICE)
@@ -392,7 +392,7 @@ class TestTriton:
 
 # ----------------------------------------------------------------------------------------------- dispatch
 def test_dispatch_auto_on_cpu_is_eager():
-    assert BACKENDS.resolve("auto", torch.device("cpu")) == "eager"  # never the interpreter
+    assert OP.resolve("auto", torch.device("cpu")) == "eager"  # never the interpreter
     args = make_inputs(BY_NAME["coop_G1"], torch.float64)
     assert torch.equal(prefix_attention(*args, backend="auto"), prefix_attention_eager(*args))
     assert torch.equal(prefix_attention(*args, backend="reference"), prefix_attention_reference(*args))
@@ -454,9 +454,9 @@ class TestTritonCUDA:
 
     def test_opcheck(self):
         args = _big(N=50, G=4, P=5, H=8, dh=64, max_len=10)
-        torch.library.opcheck(torch.ops.fastprompt.prefix_attention_fwd.default, args)
+        torch.library.opcheck(torch.ops.fastprompt.prefix_attention_triton_fwd.default, args)
 
     def test_dispatch_auto_is_triton(self):
         args = _big(N=40, G=4, P=5, H=2, dh=64, max_len=6)
-        assert BACKENDS.resolve("auto", torch.device("cuda")) == "triton"
+        assert OP.resolve("auto", torch.device("cuda")) == "triton"
         assert torch.equal(prefix_attention(*args, backend="auto"), _triton_fn()(*args))

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastprompt.ops.vapt_prompts import BACKENDS, dropout_masks, vapt_prompts
+from fastprompt.ops.vapt_prompts import OP, dropout_masks, vapt_prompts
 from fastprompt.ops.vapt_prompts.reference import vapt_prompts_reference
 from tests.conftest import rel_err
 
@@ -197,7 +197,7 @@ def test_opcheck():
 def test_dispatch():
     case = BY_NAME["tiny"]
     tensors, _, _ = make_inputs(case, requires_grad=False)
-    assert BACKENDS.resolve("auto", torch.device("cpu")) == "reference"  # auto never picks the interpreter
+    assert OP.resolve("auto", torch.device("cpu")) == "reference"  # auto never picks the interpreter
     out = vapt_prompts(*tensors[:3], 1e-5, *tensors[3:], (case.H, case.W), backend="auto")
     assert out.shape == (case.B, case.N, case.D)
     with pytest.raises(ValueError, match="no 'compiled' backend"):

@@ -11,7 +11,7 @@ import torch
 from fastprompt.ops._dispatch import cast_floating, register_op
 from fastprompt.ops.assemble.reference import assemble_reference
 
-__all__ = ["assemble", "assemble_reference", "BACKENDS", "OP"]
+__all__ = ["assemble", "assemble_reference", "OP"]
 
 def _promote(args, low):
     # The kernels take one dtype; the reference's additions and concatenation promote (autocast leaves them
@@ -31,7 +31,6 @@ OP = register_op(
     preference={"cuda": ("compiled", "triton"), "cpu": ("compiled",)},
     prepare=_promote,
 )
-BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def assemble(

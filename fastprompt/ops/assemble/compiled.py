@@ -1,9 +1,9 @@
 """Compiled backend of ``assemble``: the C++ / CUDA kernels of ``fastprompt._C``.
 
-Importing this module registers, for ``torch.ops.fastprompt.assemble_forward`` / ``assemble_backward``:
+Importing this module registers, for ``torch.ops.fastprompt.assemble_compiled_fwd`` / ``assemble_compiled_bwd``:
 
 * fake (meta) kernels, so the ops trace under ``torch.compile`` / ``torch.export`` without running;
-* the autograd formula of ``assemble_forward`` (gradients for ``ctx`` and ``shift`` only).
+* the autograd formula of ``assemble_compiled_fwd`` (gradients for ``ctx`` and ``shift`` only).
 
 It raises ImportError when the extension is not loaded; ``fastprompt.ops.assemble.assemble`` only imports it
 after checking ``extension_loaded()``.
@@ -56,12 +56,12 @@ def assemble_compiled(
         (CPU, or CUDA when the extension was built with CUDA). Index ranges are checked with a clear error on
         CPU; on CUDA an out-of-range index trips a device-side assert (checking would need a host sync).
     """
-    return torch.ops.fastprompt.assemble_forward(ctx, shift, fixed, slot, pos, int(pos_offset), g_idx, c_idx)
+    return torch.ops.fastprompt.assemble_compiled_fwd(ctx, shift, fixed, slot, pos, int(pos_offset), g_idx, c_idx)
 
 
 # ---------------------------------------------------------------------------------------------- fake kernels
-@torch.library.register_fake("fastprompt::assemble_forward")
-def _assemble_forward_fake(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx):
+@torch.library.register_fake("fastprompt::assemble_compiled_fwd")
+def _assemble_compiled_fwd_fake(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_idx):
     torch._check(ctx.dim() == 3, lambda: f"assemble: ctx must be [G, M, D], got {tuple(ctx.shape)}")
     torch._check(ctx.dtype in _FLOAT_DTYPES, lambda: f"assemble: unsupported ctx dtype {ctx.dtype}")
     G, _, D = ctx.shape
@@ -94,12 +94,12 @@ def _assemble_forward_fake(ctx, shift, fixed, slot, pos, pos_offset, g_idx, c_id
     return ctx.new_empty((g_idx.shape[0], L, D))
 
 
-@torch.library.register_fake("fastprompt::assemble_backward")
-def _assemble_backward_fake(grad_out, slot, g_idx, c_idx, G, M, has_shift):
-    torch._check(grad_out.dim() == 3, lambda: f"assemble_backward: grad_out must be [N, L, D], got {tuple(grad_out.shape)}")
+@torch.library.register_fake("fastprompt::assemble_compiled_bwd")
+def _assemble_compiled_bwd_fake(grad_out, slot, g_idx, c_idx, G, M, has_shift):
+    torch._check(grad_out.dim() == 3, lambda: f"assemble_compiled_bwd: grad_out must be [N, L, D], got {tuple(grad_out.shape)}")
     N, L, D = grad_out.shape
-    torch._check(slot.dim() == 2 and slot.shape[1] == L, lambda: "assemble_backward: slot must be [C, L]")
-    torch._check(g_idx.shape[0] == N and c_idx.shape[0] == N, lambda: "assemble_backward: g_idx, c_idx must be [N]")
+    torch._check(slot.dim() == 2 and slot.shape[1] == L, lambda: "assemble_compiled_bwd: slot must be [C, L]")
+    torch._check(g_idx.shape[0] == N and c_idx.shape[0] == N, lambda: "assemble_compiled_bwd: g_idx, c_idx must be [N]")
     grad_ctx = grad_out.new_empty((G, M, D))
     grad_shift = grad_out.new_empty((G, D)) if has_shift else grad_out.new_empty((0,))
     return grad_ctx, grad_shift
@@ -119,7 +119,7 @@ def _backward(ctx, grad_out) -> Tuple[Optional[torch.Tensor], ...]:
     need_ctx, need_shift = ctx.needs_input_grad[0], ctx.has_shift and ctx.needs_input_grad[1]
     grad_ctx = grad_shift = None
     if need_ctx or need_shift:
-        grad_ctx, grad_shift = torch.ops.fastprompt.assemble_backward(
+        grad_ctx, grad_shift = torch.ops.fastprompt.assemble_compiled_bwd(
             grad_out, slot, g_idx, c_idx, ctx.G, ctx.M, need_shift
         )
     return (
@@ -134,4 +134,4 @@ def _backward(ctx, grad_out) -> Tuple[Optional[torch.Tensor], ...]:
     )
 
 
-torch.library.register_autograd("fastprompt::assemble_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd("fastprompt::assemble_compiled_fwd", _backward, setup_context=_setup_context)

@@ -11,12 +11,11 @@ import torch
 from fastprompt.ops._dispatch import cast_inputs_to_autocast, register_op
 from fastprompt.ops.condition.reference import condition_reference
 
-__all__ = ["condition", "condition_reference", "BACKENDS", "OP"]
+__all__ = ["condition", "condition_reference", "OP"]
 
 # Autocast runs the reference's Linear layers in its low-precision dtype.
 OP = register_op("condition", backends={"triton": "triton_impl"}, preference={"cuda": ("triton",), "cpu": ()},
                  prepare=cast_inputs_to_autocast)
-BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def condition(

@@ -11,7 +11,7 @@ import torch
 from fastprompt.ops._dispatch import cast_floating, register_op
 from fastprompt.ops.pool_project.reference import pool_project_reference
 
-__all__ = ["pool_project", "pool_project_reference", "BACKENDS", "OP"]
+__all__ = ["pool_project", "pool_project_reference", "OP"]
 
 def _autocast_as_reference(args, low):
     # As autocast runs the reference: LayerNorm in float32, the projection GEMM in the autocast dtype. The kernel
@@ -30,7 +30,6 @@ OP = register_op(
     preference={"cuda": ("compiled", "triton"), "cpu": ("compiled",)},
     prepare=_autocast_as_reference,
 )
-BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def pool_project(

@@ -1,9 +1,9 @@
 """Compiled backend of ``pool_project``: the C++ / CUDA kernels of ``fastprompt._C``.
 
-Importing this module registers, for ``torch.ops.fastprompt.pool_project_forward`` / ``pool_project_backward``:
+Importing this module registers, for ``torch.ops.fastprompt.pool_project_compiled_fwd`` / ``pool_project_compiled_bwd``:
 
 * fake (meta) kernels, so the ops trace under ``torch.compile`` / ``torch.export`` without running;
-* the autograd formula of ``pool_project_forward`` (gradient for ``x`` only; the statistics it also returns are
+* the autograd formula of ``pool_project_compiled_fwd`` (gradient for ``x`` only; the statistics it also returns are
   not differentiable).
 
 It raises ImportError when the extension is not loaded; ``fastprompt.ops.pool_project.pool_project`` only imports
@@ -60,7 +60,7 @@ def pool_project_compiled(
     (LayerNorm output, projection, gradients) stays in that accumulation type; on CUDA the intermediates are in
     x's dtype, as the reference rounds them, so that the GEMMs run at the input precision.
     """
-    return torch.ops.fastprompt.pool_project_forward(x, rows, ln_weight, ln_bias, float(eps), proj, bool(normalize))[0]
+    return torch.ops.fastprompt.pool_project_compiled_fwd(x, rows, ln_weight, ln_bias, float(eps), proj, bool(normalize))[0]
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,8 +90,8 @@ def _check_common(op, x, rows, ln_weight, proj):
     return N, W, E
 
 
-@torch.library.register_fake("fastprompt::pool_project_forward")
-def _pool_project_forward_fake(x, rows, ln_weight, ln_bias, eps, proj, normalize):
+@torch.library.register_fake("fastprompt::pool_project_compiled_fwd")
+def _pool_project_compiled_fwd_fake(x, rows, ln_weight, ln_bias, eps, proj, normalize):
     N, W, E = _check_common("pool_project", x, rows, ln_weight, proj)
     if ln_bias is not None:
         torch._check(
@@ -106,12 +106,12 @@ def _pool_project_forward_fake(x, rows, ln_weight, ln_bias, eps, proj, normalize
     return out, mean, rstd, norm
 
 
-@torch.library.register_fake("fastprompt::pool_project_backward")
+@torch.library.register_fake("fastprompt::pool_project_compiled_bwd")
 def _pool_project_backward_fake(grad_out, out, x, rows, ln_weight, mean, rstd, norm, proj, normalize):
-    N, W, E = _check_common("pool_project_backward", x, rows, ln_weight, proj)
+    N, W, E = _check_common("pool_project_compiled_bwd", x, rows, ln_weight, proj)
     torch._check(
         grad_out.dim() == 2 and grad_out.shape[0] == N and grad_out.shape[1] == E,
-        lambda: f"pool_project_backward: grad_out must be [N, E] = [{N}, {E}], got {tuple(grad_out.shape)}",
+        lambda: f"pool_project_compiled_bwd: grad_out must be [N, E] = [{N}, {E}], got {tuple(grad_out.shape)}",
     )
     return x.new_empty(x.shape)
 
@@ -120,7 +120,7 @@ def _pool_project_backward_fake(grad_out, out, x, rows, ln_weight, mean, rstd, n
 
 
 torch.library.register_autograd(
-    "fastprompt::pool_project_forward",
-    make_backward(torch.ops.fastprompt.pool_project_backward),
+    "fastprompt::pool_project_compiled_fwd",
+    make_backward(torch.ops.fastprompt.pool_project_compiled_bwd),
     setup_context=setup_context,
 )

@@ -15,13 +15,12 @@ from fastprompt.ops._dispatch import cast_inputs_to_autocast, register_op
 from fastprompt.ops.prefix_attention.eager import prefix_attention_eager
 from fastprompt.ops.prefix_attention.reference import prefix_attention_reference
 
-__all__ = ["prefix_attention", "prefix_attention_reference", "prefix_attention_eager", "BACKENDS", "OP"]
+__all__ = ["prefix_attention", "prefix_attention_reference", "prefix_attention_eager", "OP"]
 
 # Autocast runs the reference's attention in its low-precision dtype. "eager" (the memory-lean torch path) is what
 # "auto" picks on the CPU, and on a GPU without Triton.
 OP = register_op("prefix_attention", backends={"triton": "triton_impl", "eager": "eager"},
                  preference={"cuda": ("triton", "eager"), "cpu": ("eager",)}, prepare=cast_inputs_to_autocast)
-BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def prefix_attention(

@@ -3,9 +3,9 @@
 Importing this module registers two ``torch.library`` custom ops (opaque to ``torch.compile``, checked by
 ``torch.library.opcheck``), their fake kernels, and the autograd formula of the forward:
 
-* ``fastprompt::prefix_attention_fwd(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
+* ``fastprompt::prefix_attention_triton_fwd(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
   -> (out [T, H, dh], lse [T, H] float32)``
-* ``fastprompt::prefix_attention_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, dlse?, cu_seqlens, g_idx,
+* ``fastprompt::prefix_attention_triton_bwd(dout, q, k, v, k_prefix, v_prefix, out, lse, dlse?, cu_seqlens, g_idx,
   max_seqlen) -> (dq, dk, dv, dk_prefix, dv_prefix)``
 
 Kernels (float32 operands multiply in IEEE float32; float16 / bfloat16 operands stay in their dtype in every
@@ -436,8 +436,8 @@ def _backward(dout, q, k, v, k_prefix, v_prefix, out, lse, dlse, cu_seqlens, g_i
 
 
 # ---------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("fastprompt::prefix_attention_fwd", mutates_args=())
-def prefix_attention_fwd(
+@torch.library.custom_op("fastprompt::prefix_attention_triton_fwd", mutates_args=())
+def prefix_attention_triton_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -452,15 +452,15 @@ def prefix_attention_fwd(
     return _forward(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
 
 
-@prefix_attention_fwd.register_fake
+@prefix_attention_triton_fwd.register_fake
 def _(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen):
     _check_inputs(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, max_seqlen)
     T, H, dh = q.shape
     return q.new_empty((T, H, dh)), q.new_empty((T, H), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastprompt::prefix_attention_bwd", mutates_args=())
-def prefix_attention_bwd(
+@torch.library.custom_op("fastprompt::prefix_attention_triton_bwd", mutates_args=())
+def prefix_attention_triton_bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -477,7 +477,7 @@ def prefix_attention_bwd(
     return _backward(dout, q, k, v, k_prefix, v_prefix, out, lse, dlse, cu_seqlens, g_idx, max_seqlen)
 
 
-@prefix_attention_bwd.register_fake
+@prefix_attention_triton_bwd.register_fake
 def _(dout, q, k, v, k_prefix, v_prefix, out, lse, dlse, cu_seqlens, g_idx, max_seqlen):
     T, H, dh = q.shape
     G, _, P, _ = k_prefix.shape
@@ -498,13 +498,13 @@ def _backward_formula(ctx, dout, dlse):
     q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, out, lse = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv, dkp, dvp = torch.ops.fastprompt.prefix_attention_bwd(
+    dq, dk, dv, dkp, dvp = torch.ops.fastprompt.prefix_attention_triton_bwd(
         dout, q, k, v, k_prefix, v_prefix, out, lse, dlse, cu_seqlens, g_idx, ctx.max_seqlen
     )
     return dq, dk, dv, dkp, dvp, None, None, None
 
 
-prefix_attention_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
+prefix_attention_triton_fwd.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 @register_impl("prefix_attention", backend="triton")
@@ -530,5 +530,5 @@ def prefix_attention_triton(
     Returns:
         [T, H, dh] in q's dtype, differentiable w.r.t. q, k, v, k_prefix, v_prefix (deterministic backward).
     """
-    out, _ = torch.ops.fastprompt.prefix_attention_fwd(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, int(max_seqlen))
+    out, _ = torch.ops.fastprompt.prefix_attention_triton_fwd(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, int(max_seqlen))
     return out

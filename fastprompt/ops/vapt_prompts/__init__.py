@@ -12,7 +12,7 @@ import torch
 from fastprompt.ops._dispatch import cast_inputs_to_autocast, register_op
 from fastprompt.ops.vapt_prompts.reference import dropout_masks, vapt_prompts_reference
 
-__all__ = ["vapt_prompts", "vapt_prompts_reference", "dropout_masks", "BACKENDS", "OP"]
+__all__ = ["vapt_prompts", "vapt_prompts_reference", "dropout_masks", "OP"]
 
 # No compiled (C++/CUDA) backend: on the CPU the eager reference is GEMM-bound at ViT-B sizes, and on CUDA the
 # Triton kernels already make it one launch per direction (see the module doc of triton_impl.py).
@@ -20,7 +20,6 @@ __all__ = ["vapt_prompts", "vapt_prompts_reference", "dropout_masks", "BACKENDS"
 # kernel normalises in float32 from the low-precision input); the output is the low dtype, as there.
 OP = register_op("vapt_prompts", backends={"triton": "triton_impl"}, preference={"cuda": ("triton",), "cpu": ()},
                  prepare=cast_inputs_to_autocast)
-BACKENDS = OP  # its backends and their availability (OpBackends)
 
 
 def vapt_prompts(
