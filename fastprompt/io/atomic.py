@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from typing import List
+from typing import BinaryIO, Callable, List
 
-__all__ = ["atomic_write_bytes", "clean_orphans", "fsync_dir", "pid_alive", "temp_name"]
+__all__ = ["atomic_write", "atomic_write_bytes", "clean_orphans", "fsync_dir", "pid_alive", "temp_name"]
 
 _TMP = ".tmp."
 
@@ -81,13 +81,19 @@ def fsync_dir(directory: str) -> None:
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see the module doc); the parent directory is created."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` fills a binary file that replaces ``path`` atomically once complete (see the module doc);
+    the parent directory is created."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     clean_orphans(path)
     tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

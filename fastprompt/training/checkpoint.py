@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from fastprompt.io.atomic import clean_orphans, fsync_dir, temp_name
+from fastprompt.io.atomic import atomic_write
 
 __all__ = ["CheckpointError", "CHECKPOINT_FILE", "save_checkpoint", "load_checkpoint", "check_compatible",
            "rng_state", "set_rng_state"]
@@ -56,22 +56,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     """Atomically write ``payload`` (see module doc) to ``path``."""
     payload = dict(payload, format=FORMAT, version=VERSION)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     # A unique temporary name per writer and call (two writers never share one), fsync'ed before the rename;
-    # temporary files of killed writers are removed here (clean_orphans), so they do not pile up.
-    clean_orphans(path)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_dir(directory)
+    # temporary files of killed writers are removed by the next write, so they do not pile up.
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 _REQUIRED = ("method", "learner_config", "classnames", "trainable", "optimizer", "schedule", "epoch", "rng", "train_config")

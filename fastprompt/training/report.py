@@ -6,15 +6,20 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
+from fastprompt.io.atomic import atomic_write, atomic_write_bytes
+
 __all__ = ["write_json", "write_csv", "markdown_table", "write_markdown", "plot_base2new", "write_report"]
 
 
 def _atomic_write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig, path: str) -> str:
+    """A matplotlib figure written to ``path`` as PNG, atomically, then closed."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    pyplot().close(fig)
+    return path
 
 
 def write_json(path: str, obj: Any) -> str:
@@ -93,12 +98,7 @@ def plot_base2new(rows: Sequence[Dict[str, Any]], path: str, title: str = "base-
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(directory: str, stem: str, rows: List[Dict[str, Any]], columns: Sequence[str], extra: Dict[str, Any],

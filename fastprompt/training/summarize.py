@@ -15,7 +15,7 @@ import os
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence
 
-from fastprompt.training.report import markdown_table, pyplot, write_csv, write_json, write_markdown
+from fastprompt.training.report import markdown_table, pyplot, save_figure, write_csv, write_json, write_markdown
 
 COLUMNS = ["method", "dataset", "shots", "subsample", "metric", "n", "mean", "std", "ci95", "seeds"]
 
@@ -128,12 +128,7 @@ def plot(rows: Sequence[Dict[str, Any]], path: str, title: str = "") -> str:
     ax.set_title(title or "mean over seeds")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def summarize(paths: Sequence[str], output_dir: Optional[str] = None, stem: str = "summary",
