@@ -267,10 +267,11 @@ def base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int]
     if not seeds:
         raise ValueError("base2new needs at least one seed")
     with lock_run_dir(cfg.output_dir):
-        return _base2new_run(cfg, datasets, seeds, resume)
+        return _base2new_run(cfg, datasets, seeds, resume, feature_store)
 
 
-def _base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int], resume: bool) -> Dict[str, Any]:
+def _base2new_run(cfg: TrainConfig, datasets: Sequence[str], seeds: Sequence[int], resume: bool,
+                  feature_store=None) -> Dict[str, Any]:
     root_out = cfg.output_dir
     protocol = base2new_protocol(cfg.method)
     runs: List[Dict[str, Any]] = []
