@@ -87,3 +87,46 @@ def test_base2new_passes_its_feature_store_on(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         runner.base2new_run(cfg, ["caltech101"], [1], feature_store=store)
     assert seen == [store]
+
+
+def test_truncated_split_file_is_named(tmp_path, capsys):
+    from fastprompt.datasets import build_dataset, make_synthetic_dataset
+
+    make_synthetic_dataset(str(tmp_path), "eurosat", num_classes=2, images_per_class=3)
+    split = next(tmp_path.rglob("split_zhou_EuroSAT.json"))
+    split.write_text(split.read_text()[:50])
+    with pytest.raises(ValueError, match=f"{split} is not valid JSON"):
+        build_dataset("eurosat", str(tmp_path))
+    assert main(["datasets", "--root", str(tmp_path), "--dataset", "eurosat", "--no-progress"]) == 1
+    assert f"{split} is not valid JSON" in capsys.readouterr().out
+
+
+def test_config_root_under_the_home_folder(tmp_path, monkeypatch):
+    """``DATASET.ROOT: ~/data`` in a config file (no shell expands it) is the home folder's data/."""
+    from fastprompt.cli import _train_config, build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "config.yaml"
+    config.write_text("DATASET:\n  ROOT: ~/data\nOUTPUT_DIR: ~/out\n")
+    cfg = _train_config(build_parser().parse_args(["train", "--dataset", "eurosat", "--config", str(config)]))
+    assert (cfg.root, cfg.output_dir) == (str(tmp_path / "data"), str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\xef\xbb\xbfcat\r\ndog\r\n", None),  # byte-order mark and CRLF line ends: the names are cat, dog
+    (bytes(range(128, 256)), "is not UTF-8 text"),
+    (b"\n \n", "lists no class names"),
+], ids=["bom-crlf", "binary", "empty"])
+def test_classnames_file(tmp_path, content, problem):
+    import argparse
+
+    from fastprompt.cli_ecosystem import _classnames
+
+    path = tmp_path / "names.txt"
+    path.write_bytes(content)
+    args = argparse.Namespace(classnames_file=str(path), dataset=None, subsample="all")
+    if problem is None:
+        assert _classnames(args) == ["cat", "dog"]
+    else:
+        with pytest.raises(ValueError, match=f"--classnames-file {path} {problem}"):
+            _classnames(args)
