@@ -277,8 +277,11 @@ def kill9_train_then_resume(s):
     reference = run_cli(s.run_args(out=full, epochs=4))
     if reference.code != 0:
         return Outcome(None, err=reference.err)
+    from fastprompt.training import load_checkpoint
+
     ckpt = os.path.join(cut, "checkpoint.pt")
     argv = s.run_args(out=cut, epochs=4)
+    killed_after = []
     for kill, after in enumerate((0, 1)):
         proc = _popen(argv if kill == 0 else argv[:1] + ["--resume"] + argv[1:])
         if not _wait_for(ckpt, proc, epoch_above=after):
@@ -286,11 +289,13 @@ def kill9_train_then_resume(s):
             return Outcome(1, crashed=f"run {kill + 1} ended before its checkpoint: {proc.communicate()[1][-500:]}")
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
+        killed_after.append(load_checkpoint(ckpt)["epoch"])
     resumed = run_process(argv[:1] + ["--resume"] + argv[1:])
     if resumed.code != 0:
         resumed.wrong = "the resumed run failed"
         return resumed
-    return Outcome(0, wrong=_adapters_equal(os.path.join(full, "adapter"), os.path.join(cut, "adapter")))
+    return Outcome(0, wrong=_adapters_equal(os.path.join(full, "adapter"), os.path.join(cut, "adapter")),
+                   note=f"killed with epochs {killed_after} of 4 checkpointed, then resumed to the end")
 
 
 # ---------------------------------------------------------------------------------------------- 5. backbone identity

@@ -118,8 +118,8 @@ def sigint_during_train(s):
         return Outcome(proc.returncode, stdout, stderr, note="ended before its first checkpoint")
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    o = Outcome(proc.returncode, stdout, stderr)
-    if proc.returncode not in (130, 1, 2) and proc.returncode < 0:
+    o = Outcome(proc.returncode, stdout, stderr, note=f"exit {proc.returncode}")
+    if proc.returncode < 0:
         o.crashed = f"killed by signal {-proc.returncode}"
     return o
 

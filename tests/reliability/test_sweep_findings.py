@@ -42,7 +42,8 @@ def test_output_dir_that_is_a_file(tmp_path, capsys):
     occupied = tmp_path / "occupied"
     occupied.write_text("x")
     for out in (occupied, occupied / "sub"):  # the file itself, or a folder below it
-        argv = ["train", "--dataset", "caltech101", "--root", str(tmp_path), "--device", "cpu", "--output-dir", str(out)]
+        argv = ["train", "--dataset", "caltech101", "--root", str(tmp_path), "--device", "cpu",
+                "--output-dir", str(out)]
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"error: {out} cannot be a run directory: {occupied} is a file (--output-dir)", err
@@ -54,7 +55,8 @@ def test_zero_shots_names_the_option(tmp_path, capsys, command):
     argv = [command, "--dataset", "caltech101", "--root", str(tmp_path), "--device", "cpu", "--shots", "0",
             "--output-dir", str(tmp_path / "out")]
     assert main(argv) == 2
-    assert capsys.readouterr().err.strip() == "error: --shots / DATASET.NUM_SHOTS must be -1 (all images) or >= 1, got 0"
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --shots / DATASET.NUM_SHOTS must be -1 (all images) or >= 1, got 0"
 
 
 def test_summarize_warns_about_a_damaged_results_file(tmp_path):
