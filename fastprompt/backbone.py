@@ -27,7 +27,7 @@ def check_clip_model(model) -> None:
     kinds = tuple(k for k in (getattr(open_clip, "CLIP", None), getattr(open_clip, "CustomTextCLIP", None)) if k)
     if not isinstance(model, kinds):
         raise TypeError(
-            "fastprompt needs an open_clip model (open_clip.CLIP or open_clip.CustomTextCLIP), got "
+            "clip_model must be an open_clip model (open_clip.CLIP or open_clip.CustomTextCLIP), got "
             f"{type(model).__module__}.{type(model).__name__}; build one with fastprompt.load_clip(name) or "
             "open_clip.create_model(name)"
         )

@@ -25,8 +25,13 @@ def _parse_options(items: List[str]) -> Dict[str, Any]:
 
 def _classnames(args) -> List[str]:
     if args.classnames_file:
-        with open(args.classnames_file) as f:
-            names = [line.strip() for line in f if line.strip()]
+        try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first name
+            with open(args.classnames_file, encoding="utf-8-sig") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--classnames-file {args.classnames_file} is not UTF-8 text ({exc})") from None
+        if not names:
+            raise ValueError(f"--classnames-file {args.classnames_file} lists no class names (one name per line)")
     elif args.dataset:
         import fastprompt
 

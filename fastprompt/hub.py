@@ -91,7 +91,12 @@ def download(repo_id: str, revision: Optional[str] = None, token: Optional[str] 
 def resolve(directory: str) -> str:
     """``directory`` itself when it exists locally, else the downloaded snapshot of that Hub repository."""
     if is_repo_id(directory):
-        local = download(directory)
+        try:
+            local = download(directory)
+        except Exception as exc:  # noqa: BLE001 - offline, no such repository, no access: all mean "not found"
+            why = (str(exc).strip().splitlines() or [""])[-1]
+            raise FileNotFoundError(f"{directory!r} is not a local folder, and fetching it as a Hugging Face Hub "
+                                    f"repository failed ({type(exc).__name__}: {why}); check the path") from None
         if not os.path.isfile(os.path.join(local, CONFIG_FILE)):
             raise FileNotFoundError(f"Hub repository {directory!r} holds no {CONFIG_FILE}; was it pushed by fastprompt?")
         return local

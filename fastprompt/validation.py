@@ -104,6 +104,8 @@ def check_train_numbers(cfg: Any) -> None:
         value = getattr(cfg, name, None)
         if value is not None:
             check_number(option, value, integer=integer, minimum=minimum, strict=strict)
+    if getattr(cfg, "shots", None) == 0:
+        raise ValueError("--shots / DATASET.NUM_SHOTS must be -1 (all images) or >= 1, got 0")
     if cfg.momentum >= 1:
         raise ValueError(f"momentum (OPTIM.MOMENTUM) must be < 1, got {cfg.momentum!r}")
 

@@ -49,6 +49,15 @@ def _listdir_nohidden(path: str) -> List[str]:
     return sorted(f for f in os.listdir(path) if not f.startswith("."))
 
 
+def _read_json(path: str):
+    """The JSON in ``path``; ValueError naming the file when it is damaged (e.g. a truncated download)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path} is not valid JSON ({exc}); download or copy it again") from None
+
+
 def _is_image(fname: str) -> bool:
     return fname.lower().endswith(IMG_EXTENSIONS)
 
@@ -82,8 +91,7 @@ def read_zhou_json(spec: DatasetSpec, root: str) -> DatasetSplits:
     ddir = _need(spec.dir(root), f"{spec.name} dataset folder")
     image_dir = _need(os.path.join(ddir, spec.image_dir), f"{spec.name} image folder")
     path = _need(os.path.join(ddir, spec.split_file), f"{spec.name} split file")
-    with open(path, encoding="utf-8") as f:
-        split = json.load(f)
+    split = _read_json(path)
     if not isinstance(split, dict) or any(k not in split for k in ("train", "val", "test")):
         raise ValueError(f"{path}: expected a JSON object with keys 'train', 'val', 'test'")
 
@@ -274,8 +282,7 @@ def read_fgvc_json(spec: DatasetSpec, root: str) -> DatasetSplits:
     image_dir = _need(os.path.join(ddir, spec.image_dir), f"{spec.name} image folder")
     annos = []
     for split in ("train", "val", "test"):
-        with open(_need(os.path.join(ddir, f"{split}.json"), f"{spec.name} {split}.json"), encoding="utf-8") as f:
-            anno = json.load(f)
+        anno = _read_json(_need(os.path.join(ddir, f"{split}.json"), f"{spec.name} {split}.json"))
         if not isinstance(anno, dict):
             raise ValueError(f"{split}.json of {ddir}: expected an object {{image path: class id}}")
         annos.append(anno)

@@ -78,6 +78,9 @@ def read_adapter_meta(directory: str) -> Dict[str, Any]:
         if meta is not None:
             return meta
     if not os.path.isfile(config):
+        nested = os.path.join(directory, "adapter")  # a training run's --output-dir holds its adapter here
+        if os.path.isfile(os.path.join(nested, WEIGHTS_FILE)):
+            raise FileNotFoundError(f"{directory} is a training run, not an adapter folder; load {nested}")
         raise FileNotFoundError(f"{directory} holds no {CONFIG_FILE}; was it written by save_pretrained()?")
     try:
         with open(config, encoding="utf-8") as f:

@@ -95,15 +95,18 @@ class EpochReporter:
 def absolute_paths(cfg):
     """``cfg`` with its filesystem paths absolute (datasets root, output directory, a model-config JSON, a
     checkpoint given as --pretrained), so the run_config.json it is saved as works from any directory."""
+    def full(path):  # "~/data" from a config file (no shell expanded it) is the home folder's data/
+        return os.path.abspath(os.path.expanduser(path))
+
     changes = {}
     if cfg.root:
-        changes["root"] = os.path.abspath(cfg.root)
+        changes["root"] = full(cfg.root)
     if cfg.output_dir:
-        changes["output_dir"] = os.path.abspath(cfg.output_dir)
-    if cfg.model and cfg.model.endswith(".json") and os.path.exists(cfg.model):
-        changes["model"] = os.path.abspath(cfg.model)
-    if cfg.pretrained and os.path.exists(str(cfg.pretrained)):
-        changes["pretrained"] = os.path.abspath(cfg.pretrained)
+        changes["output_dir"] = full(cfg.output_dir)
+    if cfg.model and cfg.model.endswith(".json") and os.path.exists(os.path.expanduser(cfg.model)):
+        changes["model"] = full(cfg.model)
+    if cfg.pretrained and os.path.exists(os.path.expanduser(str(cfg.pretrained))):
+        changes["pretrained"] = full(cfg.pretrained)
     if getattr(cfg, "tensorboard", None):
-        changes["tensorboard"] = os.path.abspath(cfg.tensorboard)
+        changes["tensorboard"] = full(cfg.tensorboard)
     return dataclasses.replace(cfg, **changes)

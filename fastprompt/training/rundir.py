@@ -94,6 +94,8 @@ def lock_run_dir(directory: str) -> Iterator[None]:
         yield
         return
     created = _missing_dirs(directory)
+    if created and os.path.exists(created[-1]):  # the deepest existing path is a file, not a folder
+        raise FileExistsError(f"{directory} cannot be a run directory: {created[-1]} is a file (--output-dir)")
     os.makedirs(directory, exist_ok=True)
     path = os.path.realpath(os.path.join(directory, LOCK_FILE))
     if path in _HELD:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -32,10 +33,14 @@ def spread(values: Sequence[float]) -> Dict[str, float]:
 
 
 def _read(path: str) -> Optional[Dict[str, Any]]:
+    """The JSON object in ``path``; None when it is missing, and a warning naming it when it is damaged."""
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError):
+    except OSError:
+        return None
+    except ValueError as exc:
+        warnings.warn(f"summarize: {path} is damaged ({exc}); that run is left out", stacklevel=2)
         return None
 
 
