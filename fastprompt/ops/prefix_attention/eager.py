@@ -24,7 +24,8 @@ One softmax runs over the concatenated [prefix scores | causal suffix scores] of
 from __future__ import annotations
 
 import math
-from typing import Optional
+import weakref
+from typing import Optional, Tuple
 
 import torch
 
@@ -37,7 +38,8 @@ def _layout(cu_seqlens: torch.Tensor, T: int, N: int, S: int):
     """Device-side index tables (no host sync).
 
     Returns (pad_rows [N * S] packed row of each padded slot, clamped into [0, T); valid [N, S, 1, 1] bool;
-    slot_of_row [T] padded slot n * S + j of each packed row).
+    rows: (pair [T], position [T]) the padded slot (n, j) of each packed row; future [S, S] bool, True above the
+    diagonal: the keys a suffix query must not see).
     """
     dev = cu_seqlens.device
     cu = cu_seqlens.to(torch.int64)
@@ -47,8 +49,31 @@ def _layout(cu_seqlens: torch.Tensor, T: int, N: int, S: int):
     pad_rows = (starts.unsqueeze(1) + j).clamp(max=max(T - 1, 0)).reshape(-1)
     t = torch.arange(T, device=dev)
     pair = torch.searchsorted(cu[1:].contiguous(), t, right=True).clamp(max=max(N - 1, 0))  # pair of each row
-    slot_of_row = pair * S + (t - starts.index_select(0, pair))
-    return pad_rows, valid.view(N, S, 1, 1), slot_of_row
+    position = t - starts.index_select(0, pair)
+    future = torch.ones(S, S, dtype=torch.bool, device=dev).triu(1)
+    return pad_rows, valid.view(N, S, 1, 1), (pair, position), future
+
+
+# The last layout built, as (weak reference to its cu_seqlens, (version, T, N, S), tables): every layer of one
+# forward and of its backward passes the same cu_seqlens tensor, so the tables are built once per step instead of
+# twice per layer. Keyed on the tensor object itself (a weak reference: a freed tensor never matches, even if a
+# new one reuses its memory) and its version counter (an in-place change rebuilds). One tuple, assigned at once,
+# so a backward on another thread sees either the old entry or the new one.
+_LAST_LAYOUT: Optional[Tuple] = None
+
+
+def _cached_layout(cu_seqlens: torch.Tensor, T: int, N: int, S: int):
+    """:func:`_layout`, reusing the last result for the same ``cu_seqlens`` tensor and sizes."""
+    global _LAST_LAYOUT
+    if torch.compiler.is_compiling():  # traced once into the graph; nothing to reuse across calls
+        return _layout(cu_seqlens, T, N, S)
+    key = (cu_seqlens._version, T, N, S)
+    last = _LAST_LAYOUT
+    if last is not None and last[0]() is cu_seqlens and last[1] == key:
+        return last[2]
+    tables = _layout(cu_seqlens, T, N, S)
+    _LAST_LAYOUT = (weakref.ref(cu_seqlens), key, tables)
+    return tables
 
 
 def _pad(x: torch.Tensor, pad_rows: torch.Tensor, valid: torch.Tensor, N: int, S: int) -> torch.Tensor:
@@ -62,10 +87,11 @@ def _pad(x: torch.Tensor, pad_rows: torch.Tensor, valid: torch.Tensor, N: int, S
     return rows.transpose(1, 2).contiguous()
 
 
-def _unpad(x: torch.Tensor, slot_of_row: torch.Tensor) -> torch.Tensor:
-    """[N, H, S, dh] padded -> [T, H, dh] packed."""
-    N, H, S, dh = x.shape
-    return x.transpose(1, 2).reshape(N * S, H, dh).index_select(0, slot_of_row)
+def _unpad(x: torch.Tensor, rows) -> torch.Tensor:
+    """[N, H, S, dh] padded -> [T, H, dh] packed: one gather of slot (pair, position) per row (no transposed
+    copy of the padded tensor first)."""
+    pair, position = rows
+    return x[pair, :, position]
 
 
 class _Prefix:
@@ -114,13 +140,12 @@ class _Prefix:
         return out.index_add_(0, self.g_idx, per_pair)
 
 
-def _probs(qs, ks, pre: _Prefix, scale: float, lse: Optional[torch.Tensor]):
-    """Scaled scores [N, H, S, P + S] (suffix part causal) -> (probabilities, row log-sum-exp [N, H, S])."""
-    S = qs.shape[2]
-    causal = torch.ones(S, S, dtype=torch.bool, device=qs.device).tril()
+def _probs(qs, ks, pre: _Prefix, scale: float, lse: Optional[torch.Tensor], future: torch.Tensor):
+    """Scaled scores [N, H, S, P + S] (suffix part causal: ``future`` [S, S] masked) -> (probabilities, row
+    log-sum-exp [N, H, S])."""
     s_pre = pre.mul(qs, "k", transpose=True) * scale
     s_own = torch.matmul(qs, ks.transpose(-1, -2)) * scale
-    s_own = s_own.masked_fill(~causal, float("-inf"))
+    s_own = s_own.masked_fill(future, float("-inf"))
     scores = torch.cat([s_pre, s_own], dim=-1)  # one softmax over prefix and own keys
     if lse is None:
         lse = torch.logsumexp(scores, dim=-1)
@@ -133,15 +158,15 @@ class _PrefixAttention(torch.autograd.Function):
         T, H, dh = q.shape
         N, S, P = g_idx.shape[0], int(max_seqlen), k_prefix.shape[2]
         scale = 1.0 / math.sqrt(dh)
-        pad_rows, valid, slot_of_row = _layout(cu_seqlens, T, N, S)
+        pad_rows, valid, rows, future = _cached_layout(cu_seqlens, T, N, S)
         pre = _Prefix(k_prefix, v_prefix, g_idx, pairs_per_group)
         qs, ks, vs = (_pad(x, pad_rows, valid, N, S) for x in (q, k, v))
-        probs, lse = _probs(qs, ks, pre, scale, None)
+        probs, lse = _probs(qs, ks, pre, scale, None, future)
         out = pre.mul(probs[..., :P], "v", transpose=False) + torch.matmul(probs[..., P:], vs)  # [N, H, S, dh]
-        lse_rows = _unpad(lse.unsqueeze(-1), slot_of_row).squeeze(-1)  # [T, H]
+        lse_rows = _unpad(lse.unsqueeze(-1), rows).squeeze(-1)  # [T, H]
         ctx.save_for_backward(q, k, v, k_prefix, v_prefix, cu_seqlens, g_idx, lse_rows)
         ctx.max_seqlen, ctx.pairs_per_group = S, pairs_per_group
-        return _unpad(out, slot_of_row)
+        return _unpad(out, rows)
 
     @staticmethod
     def backward(ctx, dout):
@@ -149,11 +174,11 @@ class _PrefixAttention(torch.autograd.Function):
         T, H, dh = q.shape
         N, S, P = g_idx.shape[0], ctx.max_seqlen, k_prefix.shape[2]
         scale = 1.0 / math.sqrt(dh)
-        pad_rows, valid, slot_of_row = _layout(cu_seqlens, T, N, S)
+        pad_rows, valid, rows, future = _cached_layout(cu_seqlens, T, N, S)
         pre = _Prefix(k_prefix, v_prefix, g_idx, ctx.pairs_per_group)
         qs, ks, vs = (_pad(x, pad_rows, valid, N, S) for x in (q, k, v))
         lse = _pad(lse_rows.unsqueeze(-1), pad_rows, valid, N, S).squeeze(-1)
-        probs, _ = _probs(qs, ks, pre, scale, lse)
+        probs, _ = _probs(qs, ks, pre, scale, lse, future)
         # pad query rows carry no gradient (zero q and lse there give finite probabilities, dropped here)
         probs = torch.where(valid.view(N, 1, S, 1), probs, torch.zeros((), dtype=probs.dtype, device=probs.device))
         do = _pad(dout, pad_rows, valid, N, S)
@@ -168,7 +193,7 @@ class _PrefixAttention(torch.autograd.Function):
         dkp = pre.grad(ds_pre, qs) * scale
         dvp = pre.grad(p_pre, do)
         # pad slots of dk / dv only gather zeros (no valid row sees a pad key), and _unpad drops them
-        return (_unpad(dq, slot_of_row), _unpad(dk, slot_of_row), _unpad(dv, slot_of_row), dkp, dvp,
+        return (_unpad(dq, rows), _unpad(dk, rows), _unpad(dv, rows), dkp, dvp,
                 None, None, None, None)
 
 
