@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import torch  # before _C, which links against libc10/libtorch
+
 _loaded: Optional[bool] = None
 _error: Optional[str] = None
 
@@ -19,7 +21,7 @@ _error: Optional[str] = None
 def build_info() -> Optional[dict]:
     """What the extension was built against ({"torch": ..., "cuda": ..., "with_cuda": ...}), or None."""
     try:
-        from fastprompt._build_info import BUILD_INFO
+        from fastprompt._build_info import BUILD_INFO  # optional: written by setup.py when it builds the extension
     except ImportError:
         return None
     return dict(BUILD_INFO)
@@ -31,8 +33,6 @@ def _torch_release(version: str) -> str:
 
 
 def _mismatch() -> Optional[str]:
-    import torch
-
     info = build_info()
     if info is None:
         return None
@@ -53,13 +53,11 @@ def extension_loaded() -> bool:
             _loaded, _error = False, "disabled by FASTPROMPT_DISABLE_EXT=1"
         else:
             try:
-                import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
-
                 why = _mismatch()
                 if why:
                     _loaded, _error = False, why
                 else:
-                    from fastprompt import _C  # noqa: F401  (import runs the TORCH_LIBRARY registrations)
+                    from fastprompt import _C  # noqa: F401  (optional compiled extension; registers its ops)
 
                     _loaded = True
             except Exception as exc:  # ImportError (not built), OSError / undefined symbol (ABI mismatch)
@@ -79,6 +77,4 @@ def extension_has_cuda() -> bool:
     """True when the extension was built with CUDA kernels."""
     if not extension_loaded():
         return False
-    import torch
-
     return bool(torch.ops.fastprompt.built_with_cuda())

@@ -9,21 +9,15 @@ from __future__ import annotations
 import os
 from typing import Optional, Tuple
 
+import open_clip
 import torch
 import torch.nn as nn
 
 __all__ = ["load_clip", "TextTower", "freeze", "check_clip_model", "clip_source", "eval_preprocess"]
 
 
-def _open_clip():
-    import open_clip
-
-    return open_clip
-
-
 def check_clip_model(model) -> None:
     """Raise a clear TypeError unless ``model`` is an open_clip CLIP / CustomTextCLIP with a text tower."""
-    open_clip = _open_clip()
     kinds = tuple(k for k in (getattr(open_clip, "CLIP", None), getattr(open_clip, "CustomTextCLIP", None)) if k)
     if not isinstance(model, kinds):
         raise TypeError(
@@ -159,7 +153,6 @@ def eval_preprocess(model: nn.Module):
     """The model's own test-time image preprocessing: open_clip's ``image_transform`` with the size, mean, std,
     interpolation and resize mode the model records (``model.visual.preprocess_cfg``; CLIP's defaults and
     ``visual.image_size`` for a model built without one). PIL image -> [3, H, W] float tensor."""
-    open_clip = _open_clip()
     cfg = dict(getattr(model.visual, "preprocess_cfg", None) or {})
     size = cfg.get("size", getattr(model.visual, "image_size", 224))
     return open_clip.image_transform(
@@ -188,7 +181,6 @@ def load_clip(
         (model, preprocess, tokenizer): the model in eval mode with every parameter frozen, the validation
         transform, and the matching tokenizer.
     """
-    open_clip = _open_clip()
     if pretrained is not None and not isinstance(pretrained, str):
         raise TypeError(f"pretrained must be None, a tag or a path, got {type(pretrained).__name__}")
     if pretrained is not None and os.path.sep in pretrained and not os.path.exists(pretrained):

@@ -2,21 +2,34 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
 from typing import List, Optional
 
+import torch
+
+import fastprompt
+import fastprompt.datasets as ds
+from fastprompt.benchmarking.selftest import selftest
+from fastprompt.benchmarking.step import STEP_METHODS, format_step_table, run_step_case, step_results_json
+from fastprompt.benchmarking.text import DEFAULT_CASES, BenchCase, format_table, results_json, run_cases
 from fastprompt.cli_checks import check_bench_args, check_dataset_images, interrupted_hint, one_line
+from fastprompt.cli_ecosystem import add_commands, run_sweep
+from fastprompt.env import env_report
+from fastprompt.learners import list_learners
+from fastprompt.training import console, runner
+from fastprompt.training.checkpoint import CheckpointError
+from fastprompt.training.config import TrainConfig, apply_mapping, apply_opts, base2new_protocol, load_config_file
+from fastprompt.training.dassl_config import apply_official_files
+from fastprompt.training.feature_store import FeatureStore
+from fastprompt.training.guards import TrainingDiverged
+from fastprompt.training.report import markdown_table
 
 DTYPES = {"fp32": "float32", "fp64": "float64", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import logging
-
-    import torch
-
-    from fastprompt.benchmarking.text import DEFAULT_CASES, BenchCase, format_table, results_json, run_cases
-
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" warning
     problem = check_bench_args(args)
     if problem:
@@ -55,16 +68,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _env(_: argparse.Namespace) -> int:
-    from fastprompt.env import env_report
-
     env_report()
     return 0
 
 
 def _selftest(_: argparse.Namespace) -> int:
-    from fastprompt.env import env_report
-    from fastprompt.benchmarking.selftest import selftest
-
     env_report()
     try:
         selftest()
@@ -82,13 +90,9 @@ class CLIError(Exception):
 
 def _train_config(args: argparse.Namespace):
     """TrainConfig from: official defaults < --config file < command-line flags < --opts."""
-    from fastprompt.training.config import TrainConfig, apply_mapping, apply_opts, load_config_file
-
     cfg = TrainConfig(method=args.method)
     if getattr(args, "config_file", None) or getattr(args, "dataset_config_file", None):
-        from fastprompt.training.dassl_config import apply_official_files  # official YAML files, as Dassl's train.py
-
-        cfg = apply_official_files(cfg, args.dataset_config_file, args.config_file)
+        cfg = apply_official_files(cfg, args.dataset_config_file, args.config_file)  # as Dassl's train.py
     if args.config:
         cfg = apply_mapping(cfg, load_config_file(args.config))
     flags = {
@@ -100,8 +104,6 @@ def _train_config(args: argparse.Namespace):
     }
     if getattr(args, "subsample", None) is not None:
         flags["subsample"] = args.subsample
-    import dataclasses
-
     set_flags = {k: v for k, v in flags.items() if v is not None}
     if "pretrained" in set_flags and str(set_flags["pretrained"]).lower() == "none":
         set_flags["pretrained"] = None
@@ -111,19 +113,15 @@ def _train_config(args: argparse.Namespace):
     if getattr(args, "class_sharding", False):
         cfg = dataclasses.replace(cfg, class_sharding=True)
     cfg = apply_opts(cfg, args.opts or [])
-    from fastprompt.training.console import absolute_paths, require_tensorboard
-
     if cfg.tensorboard:
         try:
-            require_tensorboard()
+            console.require_tensorboard()
         except ImportError as exc:
             raise CLIError(str(exc)) from None
-    return absolute_paths(cfg.validate())  # run_config.json then resolves from any directory
+    return console.absolute_paths(cfg.validate())  # run_config.json then resolves from any directory
 
 
 def _add_run_options(p: argparse.ArgumentParser, multi_dataset: bool) -> None:
-    from fastprompt.learners import list_learners
-
     p.add_argument("--method", default="coop", help="prompt-tuning method: " + ", ".join(list_learners()))
     p.add_argument("--config", default=None, help="YAML or JSON config (Dassl-style keys or TrainConfig fields)")
     p.add_argument("--config-file", default=None, help="an official trainer YAML as it is (unused keys: one warning)")
@@ -171,16 +169,10 @@ def _feature_store(args: argparse.Namespace):
         if args.feature_store is not None:
             raise CLIError("--feature-store and --no-feature-store contradict each other; give one")
         return None
-    from fastprompt.training.feature_store import FeatureStore
-
     return FeatureStore(args.feature_store)
 
 
 def _train(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from fastprompt.training.runner import train_run
-
     shots_list = args.shots
     args.shots = shots_list[0] if shots_list else None
     cfg = _train_config(args)
@@ -188,11 +180,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, seed=args.seed)
     cfg = dataclasses.replace(cfg, dataset=args.dataset or cfg.dataset)
     if args.seeds or (shots_list and len(shots_list) > 1):  # a sweep (fastprompt/training/sweep.py)
-        from fastprompt.cli_ecosystem import run_sweep
-
         return run_sweep(cfg, args.seeds or [cfg.seed], shots_list or [cfg.shots], args.resume,
                          feature_store=_feature_store(args))
-    results, _, _ = train_run(cfg, resume=args.resume, feature_store=_feature_store(args))
+    results, _, _ = runner.train_run(cfg, resume=args.resume, feature_store=_feature_store(args))
     if "accuracy" in results:
         print(f"{cfg.method} on {cfg.dataset} ({cfg.subsample} classes, seed {cfg.seed}): "
               f"test accuracy {results['accuracy']:.2f}%  -> {cfg.output_dir}")
@@ -200,31 +190,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _base2new(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from fastprompt.training.config import base2new_protocol
-    from fastprompt.training.runner import base2new_run
-
     cfg = _train_config(args)
     if args.shots is None and "DATASET.NUM_SHOTS" not in (args.opts or []):
         cfg = dataclasses.replace(cfg, shots=base2new_protocol(cfg.method)["shots"])
-    out = base2new_run(cfg, args.dataset, args.seeds, resume=args.resume, feature_store=_feature_store(args))
+    out = runner.base2new_run(cfg, args.dataset, args.seeds, resume=args.resume, feature_store=_feature_store(args))
     if out:
-        from fastprompt.training.report import markdown_table
-
         print(markdown_table(out["rows"], ["dataset", "base", "new", "hm"], ["dataset", "base", "new", "HM"]))
         print("wrote " + ", ".join(out["paths"].values()))
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from fastprompt.training.report import markdown_table
-    from fastprompt.training.runner import eval_run
-
-    out = eval_run(args.run, args.dataset, args.root, subsample=args.subsample, output_dir=args.output_dir,
-                   device=args.device, precision=args.precision, batch_size=args.batch_size,
-                   num_workers=args.num_workers, progress=not args.no_progress,
-                   strict_backbone=not args.allow_backbone_mismatch, feature_store=_feature_store(args))
+    out = runner.eval_run(args.run, args.dataset, args.root, subsample=args.subsample, output_dir=args.output_dir,
+                          device=args.device, precision=args.precision, batch_size=args.batch_size,
+                          num_workers=args.num_workers, progress=not args.no_progress,
+                          strict_backbone=not args.allow_backbone_mismatch, feature_store=_feature_store(args))
     print(markdown_table(out["rows"], ["dataset", "accuracy"]))
     print("wrote " + ", ".join(out["paths"].values()))
     return 0
@@ -232,8 +212,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _datasets(args: argparse.Namespace) -> int:
     try:
-        import fastprompt.datasets as ds
-
         check = ds.check_dataset
     except (ImportError, AttributeError) as exc:
         raise CLIError(f"the dataset layer is unavailable: {exc}")
@@ -255,9 +233,6 @@ def _datasets(args: argparse.Namespace) -> int:
 
 def _bench_steps(args: argparse.Namespace, device: str) -> int:
     """``fastprompt bench --step``: whole training steps of any CLIP learner, reference vs fast, same run."""
-    import fastprompt
-    from fastprompt.benchmarking.step import format_step_table, run_step_case, step_results_json
-
     if args.preset != "default":
         print("error: --preset applies to the text-side bench, not to --step", file=sys.stderr)
         return 2
@@ -288,8 +263,6 @@ def _bench_steps(args: argparse.Namespace, device: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fastprompt.benchmarking.step import STEP_METHODS
-
     parser = argparse.ArgumentParser(prog="fastprompt", description="Exact, fast prompt tuning for CLIP models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -352,8 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     dsets.add_argument("--no-progress", action="store_true")
     dsets.set_defaults(func=_datasets)
 
-    from fastprompt.cli_ecosystem import add_commands
-
     add_commands(sub, _add_run_options)  # convert, summarize, zeroshot
     return parser
 
@@ -362,9 +333,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("bench", "env", "selftest"):
         return args.func(args)
-    from fastprompt.training.checkpoint import CheckpointError
-    from fastprompt.training.guards import TrainingDiverged
-
     try:
         return args.func(args)
     except (CLIError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError) as exc:

@@ -7,6 +7,9 @@ import shlex
 import sys
 from typing import List, Optional, Tuple
 
+from fastprompt.datasets import build_dataset
+from fastprompt.datasets.images import check_images
+
 __all__ = ["check_bench_args", "check_dataset_images", "interrupted_hint", "one_line"]
 
 
@@ -30,9 +33,6 @@ def check_bench_args(args: argparse.Namespace) -> Optional[str]:
 
 def check_dataset_images(name: str, root: str, decode: bool = True, progress: bool = True) -> List[Tuple[str, str]]:
     """[(path, reason)] of the unreadable images of every split of dataset ``name`` under ``root``."""
-    from fastprompt.datasets import build_dataset
-    from fastprompt.datasets.images import check_images
-
     splits = build_dataset(name, root)
     paths = [d.impath for part in (splits.train_x, splits.val, splits.test) for d in part]
     return check_images(paths, decode=decode, progress=progress and sys.stderr.isatty(), desc=f"{name} images")

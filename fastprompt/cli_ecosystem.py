@@ -5,8 +5,18 @@ Registered on the main parser by ``add_commands(subparsers)`` (``fastprompt/cli.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 from typing import Any, Dict, List
+
+import torch
+
+import fastprompt
+from fastprompt.official import convert
+from fastprompt.training.runner import build_clip
+from fastprompt.training.summarize import markdown, summarize
+from fastprompt.training.sweep import sweep_run, zeroshot_run
 
 
 def _parse_options(items: List[str]) -> Dict[str, Any]:
@@ -33,8 +43,6 @@ def _classnames(args) -> List[str]:
         if not names:
             raise ValueError(f"--classnames-file {args.classnames_file} lists no class names (one name per line)")
     elif args.dataset:
-        import fastprompt
-
         names = fastprompt.load_classnames(args.dataset)
     else:
         raise ValueError("give the classes the checkpoint was trained on: --dataset NAME or --classnames-file FILE")
@@ -45,13 +53,6 @@ def _classnames(args) -> List[str]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import logging
-
-    import torch
-
-    from fastprompt.official import convert
-    from fastprompt.training.runner import build_clip
-
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "no pretrained weights" warning
     model, _, tokenizer = build_clip(args.model, args.pretrained, torch.device("cpu"))
     learner = convert(args.method, args.checkpoint, args.output_dir, clip_model=model, classnames=_classnames(args),
@@ -63,34 +64,25 @@ def _convert(args: argparse.Namespace) -> int:
 def run_sweep(cfg, seeds, shots, resume: bool, feature_store=None) -> int:
     """``fastprompt train --seeds ... --shots ...``: every run, then the summary table. ``feature_store`` is shared
     by every run's final test (the same test images each time)."""
-    from fastprompt.training.sweep import sweep_run
-
     out = sweep_run(cfg, seeds, shots, resume=resume, feature_store=feature_store)
     _print_summary(out)
     return 0
 
 
 def _print_summary(out) -> None:
-    from fastprompt.training.summarize import markdown
-
     print(markdown(out["rows"]), end="")
     if out["paths"]:
         print("wrote " + ", ".join(out["paths"].values()))
 
 
 def _summarize(args: argparse.Namespace) -> int:
-    from fastprompt.training.summarize import summarize
-
     out = summarize(args.runs, output_dir=args.output_dir, with_plot=not args.no_plot)
     _print_summary(out)
     return 0
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from fastprompt.cli import _train_config
-    from fastprompt.training.sweep import zeroshot_run
+    from fastprompt.cli import _train_config  # cycle: fastprompt.cli imports this module
 
     cfg = _train_config(args)
     if args.output_dir is None:

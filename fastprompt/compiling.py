@@ -49,7 +49,7 @@ def compile_learner(learner: nn.Module, compile: Union[bool, str, Dict[str, Any]
     Text encoders the learner builds later (``set_classnames``) are compiled the same way. The compiled path
     computes the same function as the eager fast path (same ops; only fusion changes roundings).
     """
-    from fastprompt.learners._common import PromptLearner
+    from fastprompt.learners._common import PromptLearner  # cycle: fastprompt.learners imports this module
 
     options = compile_options(compile)
     for module in learner.modules():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import platform
 
+import open_clip
 import torch
 
 from fastprompt._extension import extension_has_cuda, extension_loaded, load_error
@@ -19,14 +20,9 @@ def env_report(print_report: bool = True) -> str:
     ]
     if torch.cuda.is_available():
         lines.append(f"device: {torch.cuda.get_device_name(0)}")
+    lines.append(f"open_clip {open_clip.__version__}")
     try:
-        import open_clip
-
-        lines.append(f"open_clip {open_clip.__version__}")
-    except Exception as exc:  # pragma: no cover - open_clip is a dependency
-        lines.append(f"open_clip: not importable ({exc})")
-    try:
-        import triton
+        import triton  # optional dependency
 
         lines.append(f"triton {triton.__version__}")
     except Exception:

@@ -19,7 +19,7 @@ REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 def _hub():
     try:
-        import huggingface_hub
+        import huggingface_hub  # optional here: only the Hub functions need it (ImportError with the install line)
     except ImportError:
         raise ImportError("the Hub needs huggingface_hub: pip install huggingface_hub") from None
     return huggingface_hub

@@ -8,13 +8,13 @@ class InteropMixin:
     def export_official(self, path, epoch: int = 1, dtype=None, layout: str = "dassl-dir") -> list:
         """Write the learned tensors as the official code loads them (see ``fastprompt.official.export_official``);
         returns the files written."""
-        from fastprompt.official import export_official
+        from fastprompt.official import export_official  # cycle: fastprompt.official imports the learners
 
         return export_official(self, path, epoch=epoch, dtype=dtype, layout=layout)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
         """Upload ``save_pretrained``'s files and a generated model card to the Hub repository ``repo_id``
         (see ``fastprompt.hub.push_to_hub``); returns the commit URL."""
-        from fastprompt.hub import push_to_hub
+        from fastprompt.hub import push_to_hub  # cycle: fastprompt.hub imports the learners
 
         return push_to_hub(self, repo_id, **kwargs)

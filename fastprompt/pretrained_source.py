@@ -17,6 +17,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Dict, Optional
 from urllib.parse import urlparse
 
+import open_clip
+
 __all__ = ["read_model_config", "check_pretrained_reachable"]
 
 PROBE_TIMEOUT_S = 5.0
@@ -42,7 +44,7 @@ def _cached(cfg: Dict[str, Any], cache_dir: Optional[str]) -> bool:
     hub = cfg.get("hf_hub", "")
     if hub:
         try:
-            from huggingface_hub import try_to_load_from_cache
+            from huggingface_hub import try_to_load_from_cache  # optional dependency (ImportError tolerated)
 
             model_id, filename = os.path.split(hub)
             names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
@@ -78,8 +80,6 @@ def check_pretrained_reachable(name: str, tag: str, cache_dir: Optional[str] = N
     downloadable right now, or when ``tag`` is neither a file nor a tag of ``name``."""
     if os.path.exists(tag) or os.environ.get("FASTPROMPT_SKIP_NETWORK_CHECK"):
         return
-    import open_clip
-
     if name.startswith(("hf-hub:", "local-dir:")):
         return
     cfg = open_clip.get_pretrained_cfg(name, tag)

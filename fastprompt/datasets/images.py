@@ -13,6 +13,9 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, List, Optional, Tuple
 
+from PIL import Image
+from tqdm.auto import tqdm
+
 __all__ = ["ImageDecodeError", "load_rgb", "check_image", "check_images"]
 
 
@@ -22,8 +25,6 @@ class ImageDecodeError(ValueError):
 
 def load_rgb(path: str):
     """The image at ``path`` as an RGB PIL image (decoded); :class:`ImageDecodeError` naming ``path`` otherwise."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
@@ -42,8 +43,6 @@ def _reason(path: str, exc: BaseException) -> str:
 
 def check_image(path: str, decode: bool = True) -> Optional[str]:
     """None when ``path`` is a readable image, else the reason. ``decode=False`` reads the header only."""
-    from PIL import Image
-
     try:
         if os.path.getsize(path) == 0:
             return "the file is empty (0 bytes)"
@@ -62,8 +61,6 @@ def check_images(paths: Iterable[str], decode: bool = True, progress: bool = Fal
     workers = workers or min(8, os.cpu_count() or 1)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(paths), desc=desc, unit="img", dynamic_ncols=True)
     bad = []
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from ..templates import template_for
+from ..templates import dataset_key, template_for
 from .base import DatasetSplits, Datum
 
 __all__ = ["DatasetSpec", "SPECS", "get_spec", "IMG_EXTENSIONS"]
@@ -347,8 +347,6 @@ _ALIASES = {"caltech-101": "caltech101", "imagenet-sketch": "imagenet_sketch", "
 
 def get_spec(name: str) -> DatasetSpec:
     """The layout of dataset ``name`` (snake-case key, Dassl CamelCase name, or a known alias)."""
-    from ..templates import dataset_key
-
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a str, got {name!r}")
     key = dataset_key(name)

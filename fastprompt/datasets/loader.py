@@ -4,7 +4,9 @@ from __future__ import annotations
 import random
 from typing import Callable, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+import torchvision.transforms as T
 from torch.utils.data import DataLoader, Dataset
 
 from .base import Datum
@@ -43,12 +45,7 @@ def _seed_worker(worker_id: int) -> None:
     # some third-party transforms) the same per-worker seed so augmentations are reproducible for a given seed.
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
+    np.random.seed(seed)
 
 
 def build_loader(items: Sequence[Datum], transform: Optional[Callable], batch_size: int, shuffle: bool = False,
@@ -81,8 +78,6 @@ def build_loader(items: Sequence[Datum], transform: Optional[Callable], batch_si
 
 def _params_from_preprocess(preprocess) -> Tuple[int, object, Tuple[float, ...], Tuple[float, ...]]:
     """(size, interpolation, mean, std) read off an open_clip / torchvision ``Compose``."""
-    import torchvision.transforms as T
-
     size, interp, mean, std = None, T.InterpolationMode.BICUBIC, CLIP_MEAN, CLIP_STD
     for t in getattr(preprocess, "transforms", []):
         if isinstance(t, T.CenterCrop):
@@ -107,8 +102,6 @@ def clip_transforms(preprocess_or_size: Union[int, Callable], train: bool, scale
     ``preprocess_or_size`` is an image size (CLIP mean/std) or an open_clip preprocess whose size,
     interpolation and mean/std are reused (so a model with other statistics gets its own).
     """
-    import torchvision.transforms as T
-
     if isinstance(preprocess_or_size, bool):
         raise TypeError(f"expected an image size or a preprocess transform, got {preprocess_or_size!r}")
     if isinstance(preprocess_or_size, int):

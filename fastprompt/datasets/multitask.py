@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from fastprompt.datasets import build_dataset
 
 from .base import DatasetSplits
 
@@ -153,8 +156,6 @@ class MultiTaskImageDataset(Dataset):
         if self.load_image is not None:
             img = self.load_image(d.impath)
         else:
-            from PIL import Image
-
             with Image.open(d.impath) as im:
                 img = im.convert("RGB")
         if self.transform is not None:
@@ -168,8 +169,6 @@ def general10(root: str, shots: int = 16, seed: int = 1, subsample: str = "all",
     """General-10 (SoftCPT): the ten CoOp datasets under ``root`` (CoOp layouts), each a task, K-shot per task
     with ``seed`` and optionally the base/new class half of every task (``subsample``), through
     ``fastprompt.datasets.build_dataset``. ``tasknames`` overrides the default task names per dataset."""
-    from fastprompt.datasets import build_dataset  # the dataset layer, imported when needed
-
     names = dict(GENERAL10_TASKNAMES)
     if tasknames:
         unknown = set(tasknames) - set(GENERAL10)

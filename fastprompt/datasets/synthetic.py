@@ -12,6 +12,7 @@ import os
 from typing import Dict, List, Tuple
 
 import numpy as np
+from PIL import Image
 
 from fastprompt.datasets.classlists import list_classname_sets, load_classnames
 
@@ -64,8 +65,6 @@ def _image(label: int, num_classes: int, size: int, rng: np.random.Generator) ->
 
 
 def _save(path: str, arr: np.ndarray) -> None:
-    from PIL import Image
-
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # JPEG-named files are written as PNG data: PIL opens by content, so paths keep the real layouts' names
     # while pixels stay lossless and deterministic.

@@ -56,6 +56,7 @@ from typing import Callable, Dict, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer as OpenClipViT
 
 __all__ = ["PromptedVisionEncoder", "INSERT_MODES"]
 
@@ -65,14 +66,10 @@ PromptSpec = Union[None, Dict[int, torch.Tensor], Callable[[int, torch.Tensor], 
 
 def _tower_kind(visual: nn.Module) -> str:
     try:
-        from open_clip.transformer import VisionTransformer as OpenClipViT
-    except Exception:  # pragma: no cover - open_clip is a dependency
-        OpenClipViT = ()
-    try:
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
+        from timm.models.vision_transformer import VisionTransformer as TimmViT  # optional dependency
     except Exception:  # pragma: no cover - timm is optional
         TimmViT = ()
-    if OpenClipViT and isinstance(visual, OpenClipViT):
+    if isinstance(visual, OpenClipViT):
         for name in ("conv1", "class_embedding", "positional_embedding", "ln_pre", "transformer", "_pool"):
             if not hasattr(visual, name):
                 raise TypeError(f"open_clip VisionTransformer without {name!r}: unsupported open_clip version")
@@ -126,8 +123,8 @@ class _BlockMath:
                 and all(hasattr(blk, n) for n in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"))
             )
         else:
-            from timm.layers import Attention
-            from timm.models.vision_transformer import Block
+            from timm.layers import Attention  # optional dependency
+            from timm.models.vision_transformer import Block  # optional dependency
 
             self.known = type(blk) is Block and type(blk.attn) is Attention and blk.attn.gate is None
 

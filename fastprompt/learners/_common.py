@@ -82,7 +82,7 @@ def plan_kwargs(tower: TextTower) -> Dict[str, Any]:
 def __getattr__(name: str):
     # ``PromptLearner`` moved to fastprompt.learners.base (which imports this module); old imports keep working.
     if name == "PromptLearner":
-        from fastprompt.learners.base import PromptLearner
+        from fastprompt.learners.base import PromptLearner  # cycle: fastprompt.learners.base imports this module
 
         return PromptLearner
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

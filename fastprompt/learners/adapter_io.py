@@ -23,7 +23,10 @@ from typing import Any, Dict
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
+from fastprompt.backbone import clip_source
 from fastprompt.io.atomic import atomic_write_bytes
 
 __all__ = ["AdapterError", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "write_adapter", "read_adapter_meta",
@@ -42,8 +45,6 @@ class AdapterError(ValueError):
 
 def write_adapter(directory: str, meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> None:
     """Write ``tensors`` ({name: tensor}) and ``meta`` (JSON-serialisable) to ``directory`` as one whole save."""
-    from safetensors.torch import save
-
     meta = dict(meta, format_version=FORMAT_VERSION)
     text = json.dumps(meta, indent=2)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -54,8 +55,6 @@ def write_adapter(directory: str, meta: Dict[str, Any], tensors: Dict[str, torch
 
 def _header_meta(path: str):
     """The config stored in the safetensors header of ``path``, or None (a version-1 file has none)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -98,8 +97,6 @@ def read_adapter_meta(directory: str) -> Dict[str, Any]:
 
 def read_adapter_tensors(directory: str) -> Dict[str, torch.Tensor]:
     """{name: tensor} of the adapter; :class:`AdapterError` naming the file when it is missing or damaged."""
-    from safetensors.torch import load_file
-
     path = os.path.join(directory, WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise AdapterError(f"adapter {directory} has no {WEIGHTS_FILE}; it is incomplete, save it again")
@@ -142,8 +139,6 @@ def text_tower_fingerprint(clip: nn.Module) -> str:
 
 def backbone_identity(clip: nn.Module) -> Dict[str, Any]:
     """{"model", "pretrained", "text_fingerprint"} of an open_clip CLIP (names as recorded by ``load_clip``)."""
-    from fastprompt.backbone import clip_source
-
     name, pretrained = clip_source(clip)
     return {"model": name, "pretrained": pretrained, "text_fingerprint": text_tower_fingerprint(clip)}
 

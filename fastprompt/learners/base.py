@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from fastprompt._version import __version__
 from fastprompt.backbone import TextTower, check_clip_model, clip_source, freeze
+from fastprompt.compiling import compile_learner
 from fastprompt.interop import InteropMixin
 from fastprompt.learners._common import LEARNER_BACKENDS, backbone_identity, default_tokenizer, load_into, write_adapter
 from fastprompt.ops._dispatch import env_backend
@@ -175,8 +176,6 @@ class PromptLearner(InteropMixin, nn.Module):
         # A learner compiled with fastprompt.compile compiles the text encoders it builds later (set_classnames).
         options = self.__dict__.get("_compile_options")
         if options is not None and isinstance(value, nn.Module):
-            from fastprompt.compiling import compile_learner  # fastprompt.compiling imports the learners
-
             compile_learner(value, options)
 
     # ------------------------------------------------------------------ backend

@@ -21,7 +21,7 @@ def from_pretrained(directory: str, clip_model=None, classnames: Optional[Sequen
             on (False: warn and load anyway).
         **overrides: config options to change (e.g. ``backend="reference"``).
     """
-    from fastprompt.hub import resolve
+    from fastprompt.hub import resolve  # cycle: fastprompt.hub imports fastprompt.learners
 
     directory = resolve(directory)  # a Hub repository id ("user/repo") -> its downloaded snapshot
     meta = read_pretrained(directory)

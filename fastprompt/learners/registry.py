@@ -5,6 +5,8 @@ from typing import Callable, Dict, List, Sequence
 
 import torch.nn as nn
 
+from fastprompt.compiling import compile_learner
+
 _LEARNERS: Dict[str, type] = {}
 
 
@@ -59,7 +61,5 @@ def create_learner(name: str, clip_model: nn.Module, classnames: Sequence[str], 
     """
     learner = get_learner_class(name)(clip_model, classnames, config=config, tokenizer=tokenizer, **kwargs)
     if compile:
-        from fastprompt.compiling import compile_learner
-
         compile_learner(learner, compile)
     return learner

@@ -6,6 +6,9 @@ from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
 
+from fastprompt.backbone import load_clip
+from fastprompt.learners.dpc import DPC
+from fastprompt.learners.registry import create_learner
 from fastprompt.official.checkpoint import OfficialCheckpoint, read_official, write_dassl
 from fastprompt.official.names import is_frozen_key, layout_for, official_names
 
@@ -71,8 +74,6 @@ def official_state_to_tensors(learner, checkpoint: OfficialCheckpoint) -> Dict[s
 
 def _build_clip(clip_model):
     if isinstance(clip_model, str):
-        from fastprompt.backbone import load_clip
-
         model, _, tokenizer = load_clip(clip_model, pretrained="openai")
         return model, tokenizer
     if clip_model is None:
@@ -100,8 +101,6 @@ def load_official(method: str, checkpoint: Union[str, os.PathLike, Mapping], cli
     Returns:
         the learner (``forward(images [B, 3, H, W]) -> logits [B, C]``).
     """
-    from fastprompt.learners.registry import create_learner
-
     if classnames is None:
         raise ValueError("classnames= is required: official checkpoints do not store the class names")
     clip, tok = _build_clip(clip_model)
@@ -109,8 +108,6 @@ def load_official(method: str, checkpoint: Union[str, os.PathLike, Mapping], cli
     if method == "dpc":
         if backbone_checkpoint is None:
             raise ValueError("DPC needs backbone_checkpoint= (the stage-1 official checkpoint of its backbone)")
-        from fastprompt.learners.dpc import DPC
-
         backbone_name = config.pop("backbone", "coop")
         backbone = load_official(backbone_name, backbone_checkpoint, clip, classnames, tokenizer=tokenizer,
                                  trust_checkpoint=trust_checkpoint, verbose=verbose,

@@ -36,6 +36,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+import fastprompt.ops as ops_pkg
+from fastprompt._extension import extension_has_cuda, extension_loaded, load_error
+
 BACKENDS = ("auto", "reference", "triton", "compiled", "cpu", "cuda")
 Check = Callable[[torch.device], Tuple[bool, str]]
 
@@ -67,9 +70,6 @@ def reference_ok(device: torch.device) -> Tuple[bool, str]:
 
 
 def compiled_ok(device: torch.device) -> Tuple[bool, str]:
-    # imported here: loading fastprompt._extension tries to load the compiled library (an optional part)
-    from fastprompt._extension import extension_has_cuda, extension_loaded, load_error
-
     if not extension_loaded():
         return False, f"fastprompt._C not loaded ({load_error()})"
     if device.type == "cuda" and not extension_has_cuda():
@@ -85,7 +85,7 @@ def triton_interpreting() -> bool:
 
 def triton_ok(device: torch.device) -> Tuple[bool, str]:
     try:  # an optional dependency
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (optional dependency)
     except Exception as exc:  # not installed, or broken
         return False, f"triton not importable ({type(exc).__name__})"
     if device.type == "cuda":
@@ -260,8 +260,6 @@ def registered_ops(import_all: bool = True) -> Dict[str, Op]:
     ``fastprompt.ops`` (an op package that fails to import is reported as that exception instead)."""
     out: Dict[str, Any] = {}
     if import_all:
-        import fastprompt.ops as ops_pkg
-
         for info in pkgutil.iter_modules(ops_pkg.__path__):
             if info.ispkg:
                 try:

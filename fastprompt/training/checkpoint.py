@@ -9,6 +9,7 @@ written while checking.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from typing import Any, Dict, Optional
@@ -95,8 +96,6 @@ def check_compatible(path: str, payload: Dict[str, Any], learner, train_config: 
                      keys=RUN_SETTING_KEYS) -> None:
     """Raise :class:`CheckpointError` unless ``payload`` was written by the same method, learner config, class
     names, tensor shapes and (when given) the same run settings ``keys`` of ``train_config``."""
-    import dataclasses
-
     if payload["method"] != learner.method:
         raise CheckpointError(f"{path} was written by method {payload['method']!r}, this run is {learner.method!r}")
     mine = dataclasses.asdict(learner.config)

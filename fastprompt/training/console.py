@@ -39,7 +39,7 @@ class RunsETA:
 def require_tensorboard():
     """torch's SummaryWriter; ImportError with the install line when the optional package is absent."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency (tensorboard)
     except ImportError:
         raise ImportError("--tensorboard needs the tensorboard package: pip install 'fastprompt[tensorboard]' "
                           "(or pip install tensorboard)") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Dict, List, Tuple
 
+from fastprompt.templates import dataset_key
 from fastprompt.training.config import TrainConfig, _flatten, _set, load_config_file  # the --opts machinery
 
 # What fastprompt's data pipeline does: Dassl's CoOp transforms with bicubic interpolation.
@@ -34,8 +35,6 @@ TRAINER_ALIASES = {"kgcoop": ("COOP",), "prograd": ("COOP",), "softcpt": ("MTCOO
 
 
 def _dataset_name(value: Any) -> str:
-    from fastprompt.templates import dataset_key
-
     return dataset_key(str(value))
 
 

@@ -14,6 +14,10 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
+
+from fastprompt.datasets import clip_transforms
+from fastprompt.datasets.images import load_rgb
 
 __all__ = ["epoch_seed", "EpochBatchSampler", "DatumDataset", "train_transform", "test_transform", "collate"]
 
@@ -86,8 +90,6 @@ class DatumDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from fastprompt.datasets.images import load_rgb
-
         item = self.items[i]
         return self.transform(load_rgb(item.impath)), int(item.label)  # ImageDecodeError names a bad file
 
@@ -114,13 +116,9 @@ def train_transform(model, preprocess=None):
 
     Uses ``fastprompt.datasets.clip_transforms`` when the dataset layer provides it."""
     try:
-        from fastprompt.datasets import clip_transforms
-
         return clip_transforms(preprocess if preprocess is not None else _mean_std_size(model)[2][0], train=True)
     except (ImportError, AttributeError, TypeError):
         pass
-    from torchvision import transforms as T
-
     mean, std, size = _mean_std_size(model)
     return T.Compose([
         T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
@@ -132,8 +130,6 @@ def test_transform(model, preprocess=None):
     """Resize the short side, centre-crop, normalize (open_clip's preprocess = Dassl's test transform)."""
     if preprocess is not None:
         return preprocess
-    from torchvision import transforms as T
-
     mean, std, size = _mean_std_size(model)
     return T.Compose([T.Resize(size[0], interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
                       T.ToTensor(), T.Normalize(mean, std)])

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastprompt.learners.base import PromptLearner
+
 __all__ = ["DistInfo", "init_distributed", "dist_info", "average_gradients", "broadcast_trainable",
            "all_gather_with_grad", "shard_slice", "supports_class_sharding", "sharded_compute_loss", "all_reduce_sum"]
 
@@ -149,8 +151,6 @@ def shard_slice(n: int, rank: int, world_size: int) -> slice:
 
 def supports_class_sharding(learner) -> Optional[str]:
     """None when ``learner`` can train class-sharded, else the reason it cannot."""
-    from fastprompt.learners._common import PromptLearner
-
     if not callable(getattr(learner, "text_features_for", None)):
         return f"{learner.method} has no text_features_for(class_indices) hook (its text side is not per class)"
     cls = type(learner)

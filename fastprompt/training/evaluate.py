@@ -11,8 +11,10 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from fastprompt.training.data import EpochBatchSampler, collate
+from fastprompt.training.trainer import autocast_dtype
 
 __all__ = ["evaluate", "harmonic_mean", "summarize_base2new", "summarize_cross_dataset"]
 
@@ -31,8 +33,6 @@ def evaluate(learner, dataset, batch_size: int = 100, device: str | torch.device
         {"accuracy": top-1 %, "macro_accuracy": mean of per-class accuracies % (the metric of datasets whose
         protocol averages over classes), "correct", "total", "num_classes", "seconds", "img_per_s"}.
     """
-    from fastprompt.training.trainer import autocast_dtype
-
     device = torch.device(device)
     C = len(learner.classnames)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
@@ -47,8 +47,6 @@ def evaluate(learner, dataset, batch_size: int = 100, device: str | torch.device
     counts = torch.zeros(C, dtype=torch.long)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(sampler), desc=desc, leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
     for images, labels in loader:

@@ -37,6 +37,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
+
+from fastprompt.backbone import clip_source
+from fastprompt.training.data import EpochBatchSampler, collate
+from fastprompt.training.trainer import autocast_dtype
 
 __all__ = ["backbone_fingerprint", "image_list_digest", "transform_description", "feature_key", "FeatureStore",
            "default_store_dir", "compute_image_features", "STORE_VERSION"]
@@ -126,8 +131,6 @@ def transform_description(transform) -> str:
 def feature_key(clip_model, dataset: str, split: str, items: Sequence, transform, precision: str,
                 batch_size: int, device) -> Dict[str, Any]:
     """The full identity of a feature entry (a JSON-able dict; the entry directory is its SHA-256)."""
-    from fastprompt.backbone import clip_source
-
     device = torch.device(device)
     if device.type == "cuda":
         kind = "cuda:" + torch.cuda.get_device_name(device)
@@ -291,8 +294,6 @@ class FeatureStore:
         Order: the old manifest is removed (the old entry stops being trusted), shards are written under unique
         temporary names and renamed, then the manifest is written to a temporary name and renamed last; finally
         files no manifest names are removed."""
-        from safetensors.torch import save_file
-
         if features.dim() != 2 or features.shape[0] != key["num_images"]:
             raise ValueError(f"features must be [{key['num_images']}, E], got {tuple(features.shape)}")
         d = self.entry_dir(key)
@@ -354,9 +355,6 @@ def compute_image_features(learner, dataset, batch_size: int, device, precision:
                            num_workers: int = 0) -> torch.Tensor:
     """[N, E] ``learner.encode_images`` of every image of ``dataset`` (map-style ``(image, label)``), in the
     sequential batches of ``batch_size`` that ``evaluate`` uses and under the same autocast, on the CPU."""
-    from fastprompt.training.data import EpochBatchSampler, collate
-    from fastprompt.training.trainer import autocast_dtype
-
     device = torch.device(device)
     sampler = EpochBatchSampler(len(dataset), batch_size, shuffle=False, drop_last=False)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,

@@ -14,14 +14,18 @@ whatever process decodes it, and the main process's RNG stream (dropout, ...) no
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import random
+import warnings
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
+
+from fastprompt.datasets.images import ImageDecodeError, check_images
 
 __all__ = ["TrainingDiverged", "check_finite", "precheck_data", "sample_seed", "sample_rng", "PerSampleSeeded",
            "EpochTaggedSampler"]
@@ -109,11 +113,6 @@ def precheck_data(splits, parts: Sequence[str] = ("train_x", "test")) -> None:
     Only headers are read (a zero-byte file, a non-image or a damaged header is caught; a JPEG truncated in its
     pixel data is caught when it is decoded, with the same error naming it): decoding a whole test set costs
     minutes, a header check a few seconds; ``fastprompt datasets`` decodes everything."""
-    import collections
-    import warnings
-
-    from fastprompt.datasets.images import ImageDecodeError, check_images
-
     if "train_x" in parts and splits.train_x:
         counts = collections.Counter(d.label for d in splits.train_x)
         empty = [splits.classnames[c] for c in range(len(splits.classnames)) if counts[c] == 0]

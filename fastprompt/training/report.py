@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
+import io
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
@@ -36,8 +38,6 @@ def _fmt(value: Any) -> str:
 
 
 def write_csv(path: str, rows: Sequence[Dict[str, Any]], columns: Sequence[str]) -> str:
-    import io
-
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(columns)
@@ -63,19 +63,17 @@ def write_markdown(path: str, text: str) -> str:
 
 def has_matplotlib() -> bool:
     """True when matplotlib (the optional ``fastprompt[plot]`` extra) can be imported."""
-    import importlib.util
-
     return importlib.util.find_spec("matplotlib") is not None
 
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend; ImportError with the install line when the extra is absent."""
     try:
-        import matplotlib
+        import matplotlib  # optional dependency (fastprompt[plot])
     except ImportError:
         raise ImportError("plots need matplotlib: pip install 'fastprompt[plot]' (or pip install matplotlib)") from None
     matplotlib.use("Agg", force=True)  # no display needed; safe in worker processes and CI
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency; after matplotlib.use("Agg")
 
     return plt
 

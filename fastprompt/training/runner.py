@@ -25,6 +25,7 @@ from fastprompt.training.console import RunsETA
 from fastprompt.training.data import DatumDataset, test_transform, train_transform
 from fastprompt.training.distributed import dist_info, init_distributed
 from fastprompt.training.evaluate import evaluate, summarize_base2new, summarize_cross_dataset
+from fastprompt.training.feature_store import stored_features
 from fastprompt.training.guards import precheck_data
 from fastprompt.training.report import write_json, write_report
 from fastprompt.training.rundir import lock_run_dir
@@ -108,8 +109,6 @@ def evaluate_split(learner, splits, cfg: TrainConfig, preprocess, split: str = "
     device = next(learner.parameters()).device
     feats, used = None, "off"
     if feature_store is not None and getattr(learner, "image_features_frozen", False):
-        from fastprompt.training.feature_store import stored_features
-
         hits = feature_store.hits
         feats = stored_features(feature_store, learner, data, splits.name, f"{split}:{cfg.subsample}",
                                 cfg.test_batch_size, device, cfg.precision, cfg.num_workers)

@@ -16,7 +16,9 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence
 
-from fastprompt.training.report import markdown_table, pyplot, save_figure, write_csv, write_json, write_markdown
+from fastprompt.training.report import (
+    has_matplotlib, markdown_table, pyplot, save_figure, write_csv, write_json, write_markdown,
+)
 
 COLUMNS = ["method", "dataset", "shots", "subsample", "metric", "n", "mean", "std", "ci95", "seeds"]
 
@@ -146,8 +148,6 @@ def summarize(paths: Sequence[str], output_dir: Optional[str] = None, stem: str 
     rows = summarize_records(records)
     out: Dict[str, Any] = {"rows": rows, "records": records, "paths": {}}
     if output_dir:
-        from fastprompt.training.report import has_matplotlib
-
         p = out["paths"]
         p["json"] = write_json(os.path.join(output_dir, f"{stem}.json"), {"rows": rows, "records": records})
         p["csv"] = write_csv(os.path.join(output_dir, f"{stem}.csv"), rows, COLUMNS)

@@ -17,8 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fastprompt.templates import CUSTOM_TEMPLATES, KGCOOP_TEMPLATES, PROGRAD_TEMPLATES, template_for
+from fastprompt.training.checkpoint import RUN_SETTING_KEYS
 from fastprompt.training.config import TrainConfig, resolve_defaults
 from fastprompt.training.console import RunsETA
+from fastprompt.training.report import write_json
+from fastprompt.training.runner import (
+    RESULTS, build_clip, evaluate_split, load_splits, read_run_config, resolve_device, train_run,
+)
 from fastprompt.training.summarize import summarize
 
 ZEROSHOT_METHOD = "zeroshot"
@@ -26,9 +32,6 @@ ZEROSHOT_METHOD = "zeroshot"
 
 def _finished(run_cfg: TrainConfig) -> Optional[Dict[str, Any]]:
     """results.json of a run that finished with the same settings, else None."""
-    from fastprompt.training.checkpoint import RUN_SETTING_KEYS
-    from fastprompt.training.runner import RESULTS, read_run_config
-
     path = os.path.join(run_cfg.output_dir, RESULTS)
     if not os.path.isfile(path):
         return None
@@ -48,8 +51,6 @@ def sweep_run(cfg: TrainConfig, seeds: Sequence[int], shots: Sequence[int], resu
               feature_store=None) -> Dict[str, Any]:
     """Train ``cfg`` for every (shots, seed) into ``cfg.output_dir/shots_<k>/seed<s>``; finished runs with the
     same settings are reused. Returns the summary (rows, per-run records, written paths)."""
-    from fastprompt.training.runner import train_run
-
     if not seeds or not shots:
         raise ValueError("a sweep needs at least one seed and one shots value")
     root = cfg.output_dir
@@ -95,8 +96,6 @@ class ZeroShotCLIP(nn.Module):
 def method_template(method: str, dataset: str) -> str:
     """The hand-crafted template of ``method``'s code for ``dataset`` (KgCoOp's and ProGrad's own tables; CoOp's
     otherwise)."""
-    from fastprompt.templates import CUSTOM_TEMPLATES, KGCOOP_TEMPLATES, PROGRAD_TEMPLATES, template_for
-
     table = {"kgcoop": KGCOOP_TEMPLATES, "prograd": PROGRAD_TEMPLATES}.get(method, CUSTOM_TEMPLATES)
     return template_for(dataset, table)
 
@@ -107,9 +106,6 @@ def zeroshot_run(cfg: TrainConfig, datasets: Sequence[str], subsamples: Sequence
     Writes ``<output>/<dataset>/results.json`` ("all") or ``results_base.json`` + ``results_new.json`` (the
     base-to-new tables), with a ``run_config.json``, then the summary of ``<output>``.
     """
-    from fastprompt.training.report import write_json
-    from fastprompt.training.runner import build_clip, evaluate_split, load_splits, resolve_device
-
     cfg = cfg.validate()
     device = resolve_device(cfg.device)
     clip, preprocess, tokenizer = build_clip(cfg.model, cfg.pretrained, device, cfg.precision)

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fastprompt.training.checkpoint import (
     CHECKPOINT_FILE, CheckpointError, check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
@@ -233,8 +234,6 @@ class Trainer:
         t0 = time.perf_counter()
         bar = None
         if cfg.progress and self.dist.is_main:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=len(self.sampler), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
         for batch_idx, (images, labels) in enumerate(self.loader):
             images = images.to(self.device, non_blocking=True)
