@@ -25,11 +25,18 @@ OUT=${OUT:-$ROOT/gpu_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
-T_BUILD=${T_BUILD:-200}
-T_OPS=${T_OPS:-80}
-T_LEARNERS=${T_LEARNERS:-70}
-T_PROFILE=${T_PROFILE:-120}
-T_FLOOR=${T_FLOOR:-70}
+if [ "$DRY_RUN" = 1 ]; then
+  # The limits are a GPU call's budget; a CPU dry run (toy sizes, maybe on a shared machine) only checks that
+  # each stage runs and writes its files, so it gets generous ones.
+  T_DEFAULT=600
+else
+  T_DEFAULT=
+fi
+T_BUILD=${T_BUILD:-${T_DEFAULT:-200}}
+T_OPS=${T_OPS:-${T_DEFAULT:-80}}
+T_LEARNERS=${T_LEARNERS:-${T_DEFAULT:-70}}
+T_PROFILE=${T_PROFILE:-${T_DEFAULT:-120}}
+T_FLOOR=${T_FLOOR:-${T_DEFAULT:-70}}
 STAGES=${STAGES:-build ops learners profile floor}
 
 export PYTHONPATH="$ROOT/.site:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
