@@ -13,7 +13,6 @@ normalised image features, cross-entropy, gradients of every trainable tensor.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -21,11 +20,10 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastprompt.benchmarking.text import BenchCase, build_case  # noqa: E402
+from fastprompt.benchmarking.text import BenchCase, build_case, classification_step  # noqa: E402
 
 GPU_CASES = {
     "cocoop-B32xN100": BenchCase("cocoop", 100, batch=32, dataset="caltech101", n_ctx=4),
@@ -35,25 +33,6 @@ DRY_CASES = {
     "cocoop-B32xN100": BenchCase("cocoop", 3, batch=2, dataset="caltech101", n_ctx=4),
     "coop-N1000": BenchCase("coop", 4, batch=2, dataset="imagenet", n_ctx=16),
 }
-
-
-def make_step(learner, feats: torch.Tensor, labels: torch.Tensor, amp: bool):
-    params = [p for p in learner.parameters() if p.requires_grad]
-    device = feats.device
-
-    def step():
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-        with ctx:
-            if learner.method == "cocoop":
-                text = learner.text_features(feats)
-                logits = learner.logit_scale * torch.einsum("be,bce->bc", feats, text)
-            else:
-                text = learner.encode_text()
-                logits = learner.logit_scale * feats @ text.t()
-            loss = F.cross_entropy(logits.float(), labels)
-        return torch.autograd.grad(loss, params)
-
-    return step
 
 
 def time_steps(step, device: torch.device, n: int) -> float:
@@ -143,7 +122,7 @@ def profile_case(name: str, case: BenchCase, device: torch.device, steps: int, p
         # The dry run checks the compile plumbing with dynamo alone (no code generation: seconds, not minutes).
         options = {"backend": "eager"} if device.type == "cpu" else {"mode": "auto"}
         fastprompt.compile(learner, options if path == "compiled" else False)
-        step = make_step(learner, feats, labels, amp)
+        step = classification_step(learner, feats, labels, amp)
         step()  # warm-up (and compilation)
         step()
         row = {"backend": learner.backend, "median_ms": time_steps(step, device, steps)}

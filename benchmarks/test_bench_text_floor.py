@@ -18,15 +18,13 @@ On a CPU the same code runs at toy sizes in float32 (a smoke test of the harness
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, Optional
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from benchmarks.conftest import median_ms, record
-from fastprompt.benchmarking.text import BenchCase, build_case
+from fastprompt.benchmarking.text import BenchCase, build_case, classification_step
 from fastprompt.benchmarking.timing import rel_err as _rel, sync as _sync
 
 # (case, prefix-shared floor in ms on an H100 (roofline model), speed-up target, floor-multiple target)
@@ -49,27 +47,6 @@ def _on_h100_class(device: torch.device) -> bool:
     return device.type == "cuda" and any(k in torch.cuda.get_device_name(device) for k in ("H100", "H200"))
 
 
-def _step(learner, image_features: torch.Tensor, labels: torch.Tensor, amp: bool):
-    """Text side + conditioning + logits + cross-entropy, forward and backward -> (loss, grads)."""
-    params = [p for p in learner.parameters() if p.requires_grad]
-    device = image_features.device
-
-    def run():
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-        with ctx:
-            if learner.method == "cocoop":
-                text = learner.text_features(image_features)  # [B, C, E], conditioned on each image
-                logits = learner.logit_scale * torch.einsum("be,bce->bc", image_features, text)
-            else:
-                text = learner.encode_text()  # [C, E]
-                logits = learner.logit_scale * image_features @ text.t()
-            loss = F.cross_entropy(logits.float(), labels)
-        grads = torch.autograd.grad(loss, params)
-        return loss.detach(), grads
-
-    return run
-
-
 def _peak(fn, device) -> Optional[float]:
     if device.type != "cuda":
         fn()
@@ -90,7 +67,7 @@ def test_text_floor(benchmark, case_id, device):
         floor_ms = speedup_target = floor_target = None  # the floor figures are for an H100
     learner, feats, _ = build_case(case, device, torch.float32)
     labels = torch.arange(case.batch, device=device) % case.classes
-    step = _step(learner, feats, labels, amp=gpu)
+    step = classification_step(learner, feats, labels, amp=gpu)
     rounds = 10 if gpu else 1
     row = {"bench": f"text floor {case_id}", "shape": f"ViT-B-16 text, {case.method} M{learner.config.n_ctx} "
            f"B{case.batch} N{case.classes}", "device": str(device), "dtype": "bf16-autocast" if gpu else "float32"}

@@ -6,6 +6,7 @@ same parameters, and reports the speed-up and the largest relative error of outp
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 import fastprompt
 from fastprompt.benchmarking.timing import markdown_table, rel_err, sync
 
-__all__ = ["BenchCase", "BenchResult", "DEFAULT_CASES", "text_step", "build_case", "run_case", "run_cases",
+__all__ = ["BenchCase", "BenchResult", "DEFAULT_CASES", "text_step", "classification_step", "build_case", "run_case", "run_cases",
            "format_table", "results_json"]
 
 
@@ -64,6 +65,27 @@ def text_step(learner, image_features: torch.Tensor, upstream: torch.Tensor) -> 
             out = learner.logit_scale * image_features @ text.t()
         grads = torch.autograd.grad((out * upstream).sum(), params)
         return out.detach(), grads
+
+    return step
+
+
+def classification_step(learner, image_features: torch.Tensor, labels: torch.Tensor, amp: bool):
+    """A closure running the text side as the trainer does: logits against ``image_features`` [B, E], cross-entropy
+    with ``labels`` [B], forward + backward (bf16 autocast when ``amp``) -> (loss, grads)."""
+    params = [p for p in learner.parameters() if p.requires_grad]
+    device = image_features.device
+
+    def step():
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+        with ctx:
+            if learner.method == "cocoop":
+                text = learner.text_features(image_features)  # [B, C, E], conditioned on each image
+                logits = learner.logit_scale * torch.einsum("be,bce->bc", image_features, text)
+            else:
+                text = learner.encode_text()  # [C, E]
+                logits = learner.logit_scale * image_features @ text.t()
+            loss = F.cross_entropy(logits.float(), labels)
+        return loss.detach(), torch.autograd.grad(loss, params)
 
     return step
 
